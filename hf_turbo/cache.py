@@ -1,0 +1,468 @@
+"""TurboQuantCache: a progressive-quantized, head-wise mixed-precision KV cache for transformers.
+
+Per layer (:class:`TurboLayer`, a ``DynamicLayer``):
+
+* new K/V tokens go to an FP16 buffer (the model's dtype); every full block of ``block_size`` (64) tokens goes
+  through BPQ — INT8 per (head, block), then ``bits``-bit codes with integer scale/zero — into block pools; the
+  remainder stays in the buffer. Flushes happen a whole block at a time, never per token.
+* heads are split by priority (gap x std, :mod:`hf_turbo.quant.priority`): the ``n_low`` lowest go to ``low_bits``
+  (INT2), the rest to ``bits`` (INT4). Priorities come from calibration (``config.turbo_config["priorities"]``) or,
+  without one, from the first prefill's keys (online). Each bit-width has its own pool, so no kernel branches on it.
+* pools (one per bit-width ``b`` with ``Hb`` heads), capacity doubling as blocks arrive::
+
+      k_codes, v_codes  uint8   [B, Hb, cap, block_size, D * b / 8]   packed codes (quant/bpq.py layout)
+      k_scale, v_scale  float32 [B, Hb, cap]                          stage-1 scales (amax / 119)
+      k_s2, k_zero      uint8 / int8 [B, Hb, cap, G]                  stage-2 parameters, G = D (K per channel)
+      v_s2, v_zero      uint8 / int8 [B, Hb, cap, G]                  G = block_size (V per token)
+
+Hand-off to attention: the attention function never sees the cache, so :meth:`TurboLayer.update` attaches itself
+to the tensors it returns (``key.turbo_layer``). When the model runs ``attn_implementation="turbo"`` (read live from
+the model config) those tensors are zero-stride placeholders of the right shape and the "turbo" function reads the
+compressed state; for any other attention they are the real dequantized K/V, so SDPA or eager stay correct.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from . import ops
+from .config import TurboConfig
+from .quant.attention import KVSegment
+from .quant.bpq import (
+    dequantize_int8,
+    pack_bits,
+    quantize_int8_blocks,
+    quantize_stage2,
+    rebuild_stage2,
+    unpack_bits,
+)
+from .quant.priority import assign_head_bits, head_priority
+
+_FIELDS = ("codes", "scale", "s2", "zero")
+
+
+def validate_kv(name: str, x: torch.Tensor, *, check_finite: bool = True) -> None:
+    """Raise a clear error unless ``x`` is a finite floating ``[B, H, T, D]`` tensor with T > 0."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape [batch, kv_heads, tokens, head_dim], got {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): batch, heads and tokens must be > 0")
+    if x.shape[-1] % 16:
+        raise ValueError(f"{name}: head_dim must be a multiple of 16 (64, 96, 128, 256), got {x.shape[-1]}")
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf: the cache refuses to quantize non-finite values")
+
+
+class TurboLayer(DynamicLayer):
+    """One layer of :class:`TurboQuantCache` (see the module docstring for the storage)."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, turbo: TurboConfig | None = None, priorities: list[float] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.turbo = turbo if turbo is not None else TurboConfig()
+        self.priorities = priorities
+        self._clear()
+
+    # ------------------------------------------------------------------ state
+    def _clear(self) -> None:
+        self.cumulative_length = 0
+        self.n_blocks = 0
+        self.capacity = 0
+        self.head_bits: torch.Tensor | None = None  # int64 [H]
+        self.groups: dict[int, torch.Tensor] = {}  # bits -> head indices (int64, on device)
+        self.pools: dict[int, dict[str, torch.Tensor]] = {}
+        self.buffer_k: torch.Tensor | None = None
+        self.buffer_v: torch.Tensor | None = None
+        self._tail_k: torch.Tensor | None = None  # FP16 tokens from block `blocks_before` on, for this step
+        self._tail_v: torch.Tensor | None = None
+        self.blocks_before = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.dtype = key_states.dtype
+        self.batch, self.num_heads, _, self.head_dim = key_states.shape
+        if self.turbo.quantize:
+            self._choose_head_bits(key_states, value_states)
+            self.buffer_k = key_states[:, :, :0].clone()
+            self.buffer_v = value_states[:, :, :0].clone()
+
+    def _choose_head_bits(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        t = self.turbo
+        h = self.num_heads
+        n_low = t.num_low_heads(h)
+        if self.priorities is not None:
+            pr = torch.as_tensor(self.priorities, dtype=torch.float32)
+            if pr.numel() != h:
+                raise ValueError(f"priorities for this layer have {pr.numel()} heads but the model has {h} KV heads")
+        elif n_low and t.bits != t.low_bits:
+            pr = head_priority(k)
+            if t.priority_source == "kv":
+                pr = pr + head_priority(v)
+        else:
+            pr = torch.zeros(h)
+        self.head_bits = assign_head_bits(pr, n_low, t.bits, t.low_bits)
+        self.groups = {
+            b: torch.nonzero(self.head_bits == b).flatten().to(self.device)
+            for b in sorted(set(self.head_bits.tolist()), reverse=True)
+        }
+
+    # ------------------------------------------------------------------ pools
+    def _group_dims(self, axis: str) -> int:
+        return self.head_dim if axis == "channel" else self.turbo.block_size
+
+    def _alloc(self, b: int, hb: int, cap: int) -> dict[str, torch.Tensor]:
+        bs, d, dev = self.turbo.block_size, self.head_dim, self.device
+        pool = {}
+        for kv, axis in (("k", self.turbo.k_axis), ("v", self.turbo.v_axis)):
+            g = self._group_dims(axis)
+            pool[f"{kv}_codes"] = torch.zeros(self.batch, hb, cap, bs, d * b // 8, dtype=torch.uint8, device=dev)
+            pool[f"{kv}_scale"] = torch.zeros(self.batch, hb, cap, dtype=torch.float32, device=dev)
+            pool[f"{kv}_s2"] = torch.zeros(self.batch, hb, cap, g, dtype=torch.uint8, device=dev)
+            pool[f"{kv}_zero"] = torch.zeros(self.batch, hb, cap, g, dtype=torch.int8, device=dev)
+        return pool
+
+    def _ensure_capacity(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        cap = max(needed, 2 * self.capacity, 4)
+        for b, idx in self.groups.items():
+            new = self._alloc(b, idx.numel(), cap)
+            old = self.pools.get(b)
+            if old is not None:
+                for name, tensor in old.items():
+                    new[name][:, :, : self.n_blocks] = tensor[:, :, : self.n_blocks]
+            self.pools[b] = new
+        self.capacity = cap
+
+    def _compress(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """BPQ ``k, v [B, H, nb * block_size, D]`` into the pools (blocks ``n_blocks ..``)."""
+        bs = self.turbo.block_size
+        nb = k.shape[-2] // bs
+        self._ensure_capacity(self.n_blocks + nb)
+        backend = ops.kernel_backend(k.device)
+        if backend is not None:
+            backend.compress_into(self, k, v)  # one launch per layer per flush, writes the pools in place
+            self.n_blocks += nb
+            return
+        sl = slice(self.n_blocks, self.n_blocks + nb)
+        for kv, x, axis in (("k", k, self.turbo.k_axis), ("v", v, self.turbo.v_axis)):
+            x8, scale = quantize_int8_blocks(x, bs)  # [B,H,T,D], [B,H,nb]
+            x8 = x8.reshape(self.batch, self.num_heads, nb, bs, self.head_dim)
+            for b, idx in self.groups.items():
+                st = quantize_stage2(x8[:, idx], b, axis)
+                pool = self.pools[b]
+                pool[f"{kv}_codes"][:, :, sl] = pack_bits(st.codes, b)
+                pool[f"{kv}_scale"][:, :, sl] = scale[:, idx]
+                pool[f"{kv}_s2"][:, :, sl] = st.scale
+                pool[f"{kv}_zero"][:, :, sl] = st.zero
+        self.n_blocks += nb
+
+    def rebuild_int8(self, kv: str, n_blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compressed blocks ``[0, n_blocks)`` rebuilt to INT8 in head order.
+
+        Returns ``(x8 int8 [B, H, n_blocks * block_size, D], scale float32 [B, H, n_blocks])``.
+        """
+        n = self.n_blocks if n_blocks is None else n_blocks
+        bs, d = self.turbo.block_size, self.head_dim
+        axis = self.turbo.k_axis if kv == "k" else self.turbo.v_axis
+        x8 = torch.zeros(self.batch, self.num_heads, n, bs, d, dtype=torch.int8, device=self.device)
+        scale = torch.zeros(self.batch, self.num_heads, n, dtype=torch.float32, device=self.device)
+        for b, idx in self.groups.items():
+            pool = self.pools[b]
+            codes = unpack_bits(pool[f"{kv}_codes"][:, :, :n], b)
+            x8[:, idx] = rebuild_stage2(codes, pool[f"{kv}_s2"][:, :, :n], pool[f"{kv}_zero"][:, :, :n], axis)
+            scale[:, idx] = pool[f"{kv}_scale"][:, :, :n]
+        return x8.reshape(self.batch, self.num_heads, n * bs, d), scale
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All cached tokens as ``[B, H, S, D]`` in the model's dtype (compressed blocks dequantized + buffer)."""
+        if not self.turbo.quantize:
+            return self.keys, self.values
+        out = []
+        for kv, buf in (("k", self.buffer_k), ("v", self.buffer_v)):
+            x8, scale = self.rebuild_int8(kv)
+            deq = dequantize_int8(x8, scale, self.turbo.block_size).to(self.dtype)
+            out.append(torch.cat([deq, buf], dim=-2))
+        return out[0], out[1]
+
+    # ------------------------------------------------------------------ the transformers API
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, turbo_reader: bool = False, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``key_states, value_states [B, H, T, D]``; return what the attention function reads."""
+        validate_kv("key_states", key_states, check_finite=self.turbo.quantize)
+        validate_kv("value_states", value_states, check_finite=self.turbo.quantize)
+        if key_states.shape != value_states.shape:
+            raise ValueError(
+                f"key_states {tuple(key_states.shape)} and value_states {tuple(value_states.shape)} differ in shape"
+            )
+        if self.is_initialized:
+            expect = (self.batch, self.num_heads, self.head_dim)
+            got = (key_states.shape[0], key_states.shape[1], key_states.shape[3])
+            if got != expect:
+                raise ValueError(f"key_states has (batch, kv_heads, head_dim) = {got}, but this cache holds {expect}")
+            if key_states.device != self.device:
+                raise ValueError(f"key_states is on {key_states.device}, but this cache lives on {self.device}")
+        else:
+            self.lazy_initialization(key_states, value_states)
+        key_states, value_states = key_states.to(self.dtype), value_states.to(self.dtype)
+        self.cumulative_length += key_states.shape[-2]
+
+        if not self.turbo.quantize:
+            keys, values = super().update(key_states, value_states)
+            keys.turbo_layer = self
+            return keys, values
+
+        self.blocks_before = self.n_blocks
+        tail_k = torch.cat([self.buffer_k, key_states], dim=-2)
+        tail_v = torch.cat([self.buffer_v, value_states], dim=-2)
+        bs = self.turbo.block_size
+        n_full = tail_k.shape[-2] // bs
+        if n_full:
+            self._compress(tail_k[:, :, : n_full * bs], tail_v[:, :, : n_full * bs])
+        self.buffer_k = tail_k[:, :, n_full * bs :].clone()
+        self.buffer_v = tail_v[:, :, n_full * bs :].clone()
+        self._tail_k, self._tail_v = tail_k, tail_v
+
+        if turbo_reader:
+            shape = (self.batch, self.num_heads, self.cumulative_length, self.head_dim)
+            keys = key_states.new_zeros(()).expand(shape)
+            values = value_states.new_zeros(()).expand(shape)
+        else:
+            keys, values = self.dequantized()
+        keys.turbo_layer = self
+        return keys, values
+
+    def attention_segments(self) -> list[KVSegment]:
+        """Keys/values for the attention of the current step (reference path, see quant/attention.py):
+        compressed blocks that existed before this step, rebuilt to INT8, then the FP16 tail (old buffer + new
+        tokens), quantized per block on the fly (``buffer_attention="int8"``) or read as FP16."""
+        bs = self.turbo.block_size
+        segments = []
+        if self.blocks_before:
+            k8, ks = self.rebuild_int8("k", self.blocks_before)
+            v8, vs = self.rebuild_int8("v", self.blocks_before)
+            per_tok = functools.partial(torch.repeat_interleave, repeats=bs, dim=-1)
+            segments.append(KVSegment(k8, v8, per_tok(ks), per_tok(vs), 0))
+        start = self.blocks_before * bs
+        if self._tail_k is not None and self._tail_k.shape[-2]:
+            if self.turbo.buffer_attention == "int8":
+                k8, ks = quantize_int8_blocks(self._tail_k, bs)
+                v8, vs = quantize_int8_blocks(self._tail_v, bs)
+                t = self._tail_k.shape[-2]
+                per_tok = lambda s: s.repeat_interleave(bs, dim=-1)[..., :t]  # noqa: E731
+                segments.append(KVSegment(k8, v8, per_tok(ks), per_tok(vs), start))
+            else:
+                segments.append(KVSegment(self._tail_k, self._tail_v, None, None, start))
+        return segments
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        """Forget every token (the configuration and calibrated priorities stay)."""
+        was_init = self.is_initialized
+        self._clear()
+        if was_init:
+            self.keys = self.keys[:, :, :0] if self.keys is not None and self.keys.dim() == 4 else self.keys
+            self.values = self.values[:, :, :0] if self.values is not None and self.values.dim() == 4 else self.values
+        self.is_initialized = False
+
+    def _map_batch(self, fn) -> None:
+        """Apply ``fn`` (a batch-dim operation) to every per-sequence tensor."""
+        if not self.is_initialized:
+            return
+        if not self.turbo.quantize:
+            if self.keys is not None and self.keys.numel():
+                self.keys, self.values = fn(self.keys), fn(self.values)
+            return
+        for pool in self.pools.values():
+            for name in list(pool):
+                pool[name] = fn(pool[name])
+        self.buffer_k, self.buffer_v = fn(self.buffer_k), fn(self.buffer_v)
+        if self._tail_k is not None:
+            self._tail_k, self._tail_v = fn(self._tail_k), fn(self._tail_v)
+        self.batch = self.buffer_k.shape[0]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda x: x[indices.to(x.device) if isinstance(indices, torch.Tensor) else indices, ...])
+
+    def crop(self, tokens_to_remove: int = 0, max_length: int | None = None) -> None:
+        """Drop tokens from the end. Negative ``tokens_to_remove`` removes that many; a positive value is the legacy
+        absolute length (transformers < 5.18). A block cut in the middle is dequantized back into the buffer."""
+        cur = self.cumulative_length
+        if max_length is not None:
+            tokens_to_remove = max_length
+        target = tokens_to_remove if tokens_to_remove > 0 else cur + tokens_to_remove
+        if tokens_to_remove == 0 or target >= cur:
+            return
+        target = max(target, 0)
+        if not self.turbo.quantize:
+            self.keys, self.values = self.keys[..., :target, :], self.values[..., :target, :]
+            self.cumulative_length = target
+            return
+        bs = self.turbo.block_size
+        compressed = self.n_blocks * bs
+        if target >= compressed:
+            keep = target - compressed
+            self.buffer_k, self.buffer_v = self.buffer_k[:, :, :keep].clone(), self.buffer_v[:, :, :keep].clone()
+        else:
+            keep_blocks, partial = divmod(target, bs)
+            k, v = self.dequantized()
+            self.buffer_k = k[:, :, keep_blocks * bs : target].clone()
+            self.buffer_v = v[:, :, keep_blocks * bs : target].clone()
+            self.n_blocks = keep_blocks
+        self._tail_k = self._tail_v = None
+        self.blocks_before = self.n_blocks
+        self.cumulative_length = target
+
+    # ------------------------------------------------------------------ memory
+    def nbytes(self) -> int:
+        """Bytes held for this layer's tokens: used pool blocks, scales and zero points, and the FP16 buffer."""
+        if not self.is_initialized:
+            return 0
+        if not self.turbo.quantize:
+            return self.keys.nbytes + self.values.nbytes
+        total = self.buffer_k.nbytes + self.buffer_v.nbytes
+        for pool in self.pools.values():
+            for tensor in pool.values():
+                total += tensor[:, :, : self.n_blocks].nbytes
+        return total
+
+    def allocated_nbytes(self) -> int:
+        """Bytes allocated (pool capacity included)."""
+        if not self.is_initialized:
+            return 0
+        if not self.turbo.quantize:
+            return self.nbytes()
+        total = self.buffer_k.nbytes + self.buffer_v.nbytes
+        return total + sum(t.nbytes for pool in self.pools.values() for t in pool.values())
+
+    def fp16_nbytes(self) -> int:
+        """Bytes an FP16 cache would hold for the same tokens."""
+        if not self.is_initialized:
+            return 0
+        return 2 * self.batch * self.num_heads * self.cumulative_length * self.head_dim * 2
+
+
+def _text_config(config: Any) -> Any:
+    if config is not None and hasattr(config, "get_text_config"):
+        return config.get_text_config(decoder=True)
+    return config
+
+
+def resolve_turbo_config(config: Any = None, turbo: TurboConfig | None = None, **overrides: Any) -> TurboConfig:
+    """The TurboConfig for a model: explicit ``turbo`` > the model config's ``turbo_config`` entry > defaults,
+    then ``overrides``. Calibrated priorities are checked against the model's layer and KV-head counts."""
+    if turbo is None:
+        saved = getattr(config, "turbo_config", None) if config is not None else None
+        if isinstance(saved, TurboConfig):
+            turbo = saved
+        elif isinstance(saved, dict):
+            turbo = TurboConfig.from_dict({k: v for k, v in saved.items() if k != "model"})
+        else:
+            turbo = TurboConfig()
+    if overrides:
+        turbo = turbo.replace(**overrides)
+    text = _text_config(config)
+    if turbo.priorities is not None and text is not None:
+        check_priorities(turbo.priorities, text)
+    return turbo
+
+
+def check_priorities(priorities: Any, config: Any) -> None:
+    """Raise unless ``priorities`` is ``[num_hidden_layers][num_key_value_heads]`` for ``config``."""
+    layers = config.num_hidden_layers
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    rows = len(priorities)
+    cols = {len(r) for r in priorities}
+    if rows != layers or cols != {heads}:
+        raise ValueError(
+            f"priorities have shape [{rows}][{'/'.join(map(str, sorted(cols))) or 0}] but this model needs "
+            f"[{layers}][{heads}] (num_hidden_layers x num_key_value_heads): they were calibrated for another model"
+        )
+    if any(not math.isfinite(float(x)) for r in priorities for x in r):
+        raise ValueError("priorities contain NaN or Inf")
+
+
+class TurboQuantCache(Cache):
+    """A ``transformers.Cache`` storing K/V with BPQ in INT4/INT2 blocks plus an FP16 buffer.
+
+    Use a fresh one per ``generate`` call::
+
+        cache = TurboQuantCache(model.config)                     # calibrated priorities if the config has them
+        cache = TurboQuantCache(model.config, int2_fraction=0.25) # any TurboConfig field as an override
+        model.generate(**inputs, past_key_values=cache)
+
+    Args:
+        config: the model's config (layer count, KV heads, ``turbo_config`` with calibrated priorities, and the
+            live ``_attn_implementation`` that decides whether placeholders or real K/V are returned). Without it,
+            layers are created lazily and real dequantized K/V are always returned.
+        turbo: a full :class:`TurboConfig`; default from ``config.turbo_config`` or ``TurboConfig()``.
+        **overrides: TurboConfig fields to change.
+    """
+
+    def __init__(self, config: Any = None, turbo: TurboConfig | None = None, **overrides: Any):
+        self.turbo = resolve_turbo_config(config, turbo, **overrides)
+        self.model_config = config
+        text = _text_config(config)
+        if text is not None:
+            pr = self.turbo.priorities
+            layers = [
+                TurboLayer(self.turbo, priorities=None if pr is None else pr[i]) for i in range(text.num_hidden_layers)
+            ]
+            super().__init__(layers=layers)
+        else:
+            super().__init__(layer_class_to_replicate=functools.partial(TurboLayer, self.turbo))
+
+    def reader_is_turbo(self) -> bool:
+        """True when the model that fills this cache runs the "turbo" attention (checked on every update)."""
+        return getattr(self.model_config, "_attn_implementation", None) == "turbo"
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        return super().update(key_states, value_states, layer_idx, *args, turbo_reader=self.reader_is_turbo(), **kwargs)
+
+    def nbytes(self) -> int:
+        """Bytes held by all layers (codes, scales, zero points, FP16 buffer)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def fp16_nbytes(self) -> int:
+        """Bytes an FP16 cache would hold for the same tokens."""
+        return sum(layer.fp16_nbytes() for layer in self.layers)
+
+    def compression_ratio(self) -> float:
+        """FP16 bytes / our bytes for the same tokens (buffer and all metadata included)."""
+        own = self.nbytes()
+        return self.fp16_nbytes() / own if own else float("nan")
+
+    def memory_report(self) -> dict[str, Any]:
+        """A dict for reports: tokens, bytes, FP16 bytes, ratio, allocated bytes, head bit-widths per layer."""
+        return {
+            "tokens": self.get_seq_length(),
+            "kv_bytes": self.nbytes(),
+            "kv_bytes_allocated": sum(layer.allocated_nbytes() for layer in self.layers),
+            "fp16_bytes": self.fp16_nbytes(),
+            "compression_ratio": self.compression_ratio(),
+            "head_bits": [None if layer.head_bits is None else layer.head_bits.tolist() for layer in self.layers],
+        }

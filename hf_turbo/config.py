@@ -1,0 +1,138 @@
+"""TurboConfig: every choice of the TurboAttention algorithm, validated in one place.
+
+Choices the paper states are the defaults of the ``"paper"`` preset; choices the paper leaves open (tagged [I] in
+``shared/docs/turboattention-spec.md``) are fields here so that they can be measured rather than guessed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+VALID_BITS = (2, 4, 8)
+VALID_AXES = ("channel", "token")
+VALID_PV = ("int8", "fp16", "fp8")
+VALID_EXP = ("sas", "exp2")
+VALID_SAS_BASE = ("e", "2")
+VALID_BUFFER_ATTENTION = ("int8", "fp16")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"TurboConfig.{name} must be one of {allowed}, got {value!r}")
+
+
+@dataclass
+class TurboConfig:
+    """Configuration of TurboAttention: quantization, softmax, cache layout.
+
+    Attributes:
+        quantize: False turns every quantization off (FP16 cache, exact softmax): a plumbing mode for tests that
+            must match SDPA + DynamicCache token for token.
+        block_size: tokens per quantization block, and the size of the FP16 decode buffer (paper: 64).
+        bits: bit-width of the high-priority KV heads in the cache (4; 8 keeps stage-1 INT8 only; 2 for all heads).
+        low_bits: bit-width of the low-priority heads (paper: 2).
+        int2_fraction: fraction of the KV heads of every layer stored at ``low_bits`` (lowest priority first).
+        int2_heads: alternatively, the number of such heads per layer (overrides ``int2_fraction``).
+        k_axis / v_axis: stage-2 grouping. "channel": one (scale, zero) per channel over a block of tokens;
+            "token": one per token over the head dim. Defaults K per channel, V per token (KIVI-style [I]).
+        exp: "sas" (LUT x cubic polynomial in FP16, zero beyond n_r) or "exp2" (hardware exponential, FP32).
+        sas_base: "e": e^-x = LUT[floor x] * POLY(frac) (the paper); "2": 2^-y with the integer part from exponent
+            bits and a cubic for 2^-frac (kernel-friendly; same function to within FP16 rounding of the table).
+        n_r: SAS threshold: exp(-x) is exactly 0 for x > n_r (natural-log units).
+        pv: precision of the P @ V product: "int8" (P*127, the paper), "fp16" or "fp8" (GPU kernels only).
+        buffer_attention: how attention reads the FP16 buffer and new tokens: "int8" (stage-1 on the fly) or "fp16".
+        block_m / block_n: query rows per INT8 scale and keys per softmax tile (the reference tiles like the kernels).
+        priority_source: tensors scored for head priority: "k" or "kv" (sum of both scores).
+        priorities: optional calibrated priorities, nested list [num_layers][num_kv_heads]; None = online.
+    """
+
+    quantize: bool = True
+    block_size: int = 64
+    bits: int = 4
+    low_bits: int = 2
+    int2_fraction: float = 0.0
+    int2_heads: int | None = None
+    k_axis: str = "channel"
+    v_axis: str = "token"
+    exp: str = "sas"
+    sas_base: str = "e"
+    n_r: float = 6.0
+    pv: str = "int8"
+    buffer_attention: str = "int8"
+    block_m: int = 64
+    block_n: int = 64
+    priority_source: str = "k"
+    priorities: list[list[float]] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> TurboConfig:
+        for name in ("bits", "low_bits"):
+            value = getattr(self, name)
+            if value not in VALID_BITS:
+                raise ValueError(f"TurboConfig.{name} must be one of {VALID_BITS}, got {value!r}")
+        _check_choice("k_axis", self.k_axis, VALID_AXES)
+        _check_choice("v_axis", self.v_axis, VALID_AXES)
+        _check_choice("exp", self.exp, VALID_EXP)
+        _check_choice("sas_base", self.sas_base, VALID_SAS_BASE)
+        _check_choice("pv", self.pv, VALID_PV)
+        _check_choice("buffer_attention", self.buffer_attention, VALID_BUFFER_ATTENTION)
+        _check_choice("priority_source", self.priority_source, ("k", "kv"))
+        if not (isinstance(self.block_size, int) and self.block_size >= 16 and self.block_size % 16 == 0):
+            raise ValueError(f"TurboConfig.block_size must be a positive multiple of 16, got {self.block_size!r}")
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 16 and value % 16 == 0):
+                raise ValueError(f"TurboConfig.{name} must be a positive multiple of 16, got {value!r}")
+        if self.block_size % self.block_n != 0:
+            raise ValueError(
+                f"TurboConfig.block_n ({self.block_n}) must divide block_size ({self.block_size}) so that every softmax "
+                "tile shares one stage-1 scale"
+            )
+        if not 0.0 <= float(self.int2_fraction) <= 1.0:
+            raise ValueError(f"TurboConfig.int2_fraction must be in [0, 1], got {self.int2_fraction!r}")
+        if self.int2_heads is not None and (not isinstance(self.int2_heads, int) or self.int2_heads < 0):
+            raise ValueError(f"TurboConfig.int2_heads must be a non-negative int or None, got {self.int2_heads!r}")
+        if not float(self.n_r) > 0:
+            raise ValueError(f"TurboConfig.n_r must be > 0, got {self.n_r!r}")
+        return self
+
+    def num_low_heads(self, num_kv_heads: int) -> int:
+        """How many KV heads of a layer go to ``low_bits``."""
+        if self.int2_heads is not None:
+            if self.int2_heads > num_kv_heads:
+                raise ValueError(f"TurboConfig.int2_heads={self.int2_heads} exceeds num_key_value_heads={num_kv_heads}")
+            return self.int2_heads
+        return int(round(self.int2_fraction * num_kv_heads))
+
+    def replace(self, **changes: Any) -> TurboConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TurboConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown TurboConfig fields {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> TurboConfig:
+        """Named presets. "paper": the paper's choices (SAS base e, INT8 P, INT8 buffer, 25% INT2 heads).
+        "default": our measured best (see README). "int4": all heads 4-bit. "noquant": plumbing mode."""
+        presets = {
+            "paper": dict(exp="sas", sas_base="e", pv="int8", buffer_attention="int8", int2_fraction=0.25),
+            "default": dict(),
+            "int4": dict(int2_fraction=0.0),
+            "mixed": dict(int2_fraction=0.5),
+            "noquant": dict(quantize=False),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown TurboConfig preset {name!r}; choose one of {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})

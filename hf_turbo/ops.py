@@ -1,0 +1,104 @@
+"""Dispatch: one place decides where attention and cache compression run.
+
+CUDA tensors go to the Triton kernels (``hf_turbo.kernels``) when they are importable and support the request;
+CPU tensors go to the PyTorch reference (``hf_turbo.quant``). Both take the same arguments and compute the same
+function to within FP16 rounding. On CUDA without usable kernels the reference runs and a warning says so once:
+nothing pretends to be fast.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .quant.attention import KVSegment, int8_segments, turbo_attention_reference
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def kernel_backend(device: torch.device):
+    """The kernels module if Triton kernels can run on ``device``, else None (with the reason warned once)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from . import kernels
+    except Exception as exc:  # pragma: no cover - depends on the GPU machine
+        _warn_once(f"hf_turbo: Triton kernels unavailable ({exc!r}); running the PyTorch reference on CUDA (slow)")
+        return None
+    reason = kernels.unavailable_reason(device)
+    if reason:
+        _warn_once(f"hf_turbo: Triton kernels unavailable ({reason}); running the PyTorch reference on CUDA (slow)")
+        return None
+    return kernels
+
+
+def left_padding(key_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``key_mask [B, S]`` (True = real) -> int32 ``[B]`` count of leading padding, or None without padding.
+
+    Raises if the mask is not left padding (a hole after a real token), which the kernels do not express."""
+    if key_mask is None:
+        return None
+    km = key_mask.to(torch.bool)
+    start = (~km).to(torch.int32).cumprod(dim=-1).sum(dim=-1)
+    expect = torch.arange(km.shape[-1], device=km.device)[None, :] >= start[:, None]
+    if not bool((expect == km).all()):
+        raise NotImplementedError("attention_mask has holes after real tokens; only left padding is supported")
+    return start.to(torch.int32)
+
+
+def attend(query: torch.Tensor, segments: list[KVSegment], **kw) -> torch.Tensor:
+    """Attention of ``query [B, Hq, Sq, D]`` over ``segments`` (see quant/attention.py); float32 out."""
+    return turbo_attention_reference(query, segments, **kw)
+
+
+def attend_layer(query: torch.Tensor, layer, *, sm_scale: float, causal: bool, key_mask, sliding_window) -> torch.Tensor:
+    """Attention of ``query [B, Hq, Sq, D]`` over a :class:`~hf_turbo.cache.TurboLayer`'s state for this step.
+
+    Returns float32 ``[B, Hq, Sq, D]`` (reference) or the query dtype (kernels)."""
+    t = layer.turbo
+    backend = kernel_backend(query.device)
+    if backend is not None:
+        return backend.attend_layer(
+            query, layer, sm_scale=sm_scale, causal=causal, pad=left_padding(key_mask), sliding_window=sliding_window
+        )
+    return turbo_attention_reference(
+        query,
+        layer.attention_segments(),
+        sm_scale=sm_scale,
+        causal=causal,
+        key_mask=key_mask,
+        sliding_window=sliding_window,
+        exp=t.exp,
+        n_r=t.n_r,
+        sas_base=t.sas_base,
+        pv=t.pv,
+        block_m=t.block_m,
+        block_n=t.block_n,
+    )
+
+
+def attend_no_cache(query, key, value, turbo, *, sm_scale, causal, key_mask, sliding_window) -> torch.Tensor:
+    """INT8 + SAS attention over ``key, value [B, Hkv, S, D]`` quantized on the fly (no cache: log-likelihoods,
+    ``use_cache=False``)."""
+    backend = kernel_backend(query.device)
+    if backend is not None:
+        return backend.prefill(
+            query, key, value, turbo, sm_scale=sm_scale, causal=causal, pad=left_padding(key_mask),
+            sliding_window=sliding_window,
+        )
+    if turbo.buffer_attention == "fp16":
+        segments = [KVSegment(key, value, None, None, 0)]
+    else:
+        segments = int8_segments(key, value, 0, turbo.block_size)
+    return turbo_attention_reference(
+        query, segments, sm_scale=sm_scale, causal=causal, key_mask=key_mask, sliding_window=sliding_window,
+        exp=turbo.exp, n_r=turbo.n_r, sas_base=turbo.sas_base, pv=turbo.pv, block_m=turbo.block_m,
+        block_n=turbo.block_n,
+    )
