@@ -54,8 +54,9 @@ def load_model(
         dtype: default float32 on CPU, float16 on CUDA.
         device: default "cuda" if available else "cpu".
     """
-    import hf_turbo  # noqa: F401  (registers "turbo" before from_pretrained checks the name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_turbo  # noqa: F401  (registers "turbo" before from_pretrained checks the name)
 
     _offline_default()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

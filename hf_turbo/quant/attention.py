@@ -88,8 +88,14 @@ def turbo_attention_reference(
     pv: str = "int8",
     block_m: int = 64,
     block_n: int = 64,
+    q_chunk: int = 512,
 ) -> torch.Tensor:
     """TurboAttention forward (see module docstring).
+
+    The tile recurrence is evaluated in closed form: the running max after tile ``j`` is the cumulative max
+    ``m_j`` of the tile maxima, ``p`` of tile ``j`` is taken against ``m_j`` (as the kernels do), and the product of
+    the rescale factors after tile ``j`` telescopes to ``exp(m_j - m_final)`` (equal up to FP32 rounding).
+    INT8 x INT8 products are exact in FP32 (|sum| <= 119^2 * 256 < 2^24).
 
     Args:
         q: ``[B, Hq, Sq, D]`` floating point (RoPE applied).
@@ -99,10 +105,13 @@ def turbo_attention_reference(
         q_start: absolute position of query 0; default ``S_kv - Sq``.
         key_mask: optional bool ``[B, S_kv]``, True where a key may be attended (left padding is False).
         sliding_window: optional window (Phi3, Qwen2 sliding layers).
+        q_chunk: query rows processed at once (memory bound only; does not change the result).
 
     Returns:
         float32 ``[B, Hq, Sq, D]``.
     """
+    if pv not in ("int8", "fp16", "fp8"):
+        raise ValueError(f"pv must be 'int8', 'fp16' or 'fp8', got {pv!r}")
     b, hq, sq, d = q.shape
     if not segments:
         raise ValueError("segments is empty: attention needs at least one key")
@@ -111,67 +120,74 @@ def turbo_attention_reference(
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
     group = hq // hkv
     s_kv = segments[-1].start + segments[-1].k.shape[2]
-    if q_start is None:
-        q_start = s_kv - sq
+    q_start = s_kv - sq if q_start is None else q_start
     dev = q.device
     q8, q_scale = quantize_q(q, block_m, sm_scale)
-    q8d = q8.double()
-    q_half = q.to(torch.float16).double() * sm_scale
-    q_pos = torch.arange(q_start, q_start + sq, device=dev)
+    q_half = q.to(torch.float16).float() * sm_scale
 
-    m = torch.full((b, hq, sq), -math.inf, dtype=torch.float32, device=dev)
-    l = torch.zeros((b, hq, sq), dtype=torch.float32, device=dev)
-    acc = torch.zeros((b, hq, sq, d), dtype=torch.float32, device=dev)
-
+    # keys/values of every segment padded to whole tiles; padding positions are -1 (never visible)
+    k_pos, v_eff, parts = [], [], []
     for seg in segments:
-        t_seg = seg.k.shape[2]
-        quantized = seg.k.dtype == torch.int8
-        for t0 in range(0, t_seg, block_n):
-            t1 = min(t0 + block_n, t_seg)
-            k_pos = torch.arange(seg.start + t0, seg.start + t1, device=dev)
-            vis = _visible(q_pos, k_pos, causal, sliding_window, key_mask)
-            if not bool(vis.any()):
-                continue
-            kt = seg.k[:, :, t0:t1].repeat_interleave(group, dim=1)
-            vt = seg.v[:, :, t0:t1].repeat_interleave(group, dim=1)
-            if quantized:
-                ks = seg.k_scale[:, :, t0:t1].repeat_interleave(group, dim=1)
-                vs = seg.v_scale[:, :, t0:t1].repeat_interleave(group, dim=1)
-                s_int = q8d @ kt.double().transpose(-1, -2)  # exact INT32 products
-                s = (s_int.float() * q_scale[..., None]) * ks[..., None, :]
+        t = seg.k.shape[2]
+        pad = (-t) % block_n
+        pos = torch.arange(seg.start, seg.start + t, device=dev)
+        k_pos.append(torch.nn.functional.pad(pos, (0, pad), value=-1))
+        parts.append((seg, pad))
+        v_eff.append(torch.nn.functional.pad(_value_operand(seg, pv), (0, 0, 0, pad)))
+    k_pos = torch.cat(k_pos)
+    v_eff = torch.cat(v_eff, dim=2).repeat_interleave(group, dim=1)  # [B, Hq, T, D]
+    n_tiles = k_pos.numel() // block_n
+
+    out = torch.empty((b, hq, sq, d), dtype=torch.float32, device=dev)
+    for r0 in range(0, sq, q_chunk):
+        r1 = min(r0 + q_chunk, sq)
+        scores = []
+        for seg, pad in parts:
+            if seg.k.dtype == torch.int8:
+                kt = seg.k.float().repeat_interleave(group, dim=1)
+                ks = seg.k_scale.repeat_interleave(group, dim=1)
+                s = (q8[:, :, r0:r1].float() @ kt.transpose(-1, -2)) * q_scale[:, :, r0:r1, None] * ks[:, :, None, :]
             else:
-                s = (q_half @ kt.to(torch.float16).double().transpose(-1, -2)).float()
-            s = s.masked_fill(~vis, -math.inf)
-            m_new = torch.maximum(m, s.amax(dim=-1))
-            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            alpha = torch.where(torch.isinf(m), torch.zeros_like(m), torch.exp(m - m_safe))
-            p = exp_neg(m_safe[..., None] - s, exp=exp, n_r=n_r, base=sas_base)
-            p = p.masked_fill(~vis, 0)
-            if quantized:
-                v_real = vt.double() * vs.double()[..., None]
-            else:
-                v_real = vt.double()
-            if pv == "int8":
-                p8 = round_half_away(p.float() * 127.0).clamp_(0, 127)
-                l_add = p8.sum(-1) / 127.0
-                o_add = (p8.double() @ v_real / 127.0).float()
-            elif pv == "fp16":
-                ph = p.to(torch.float16).double()
-                l_add = ph.sum(-1).float()
-                o_add = (ph @ v_real.to(torch.float16).double()).float()
-            elif pv == "fp8":
-                pf8 = (p.float() * 448.0).to(torch.float8_e4m3fn).double()
-                v8 = vt.to(torch.float8_e4m3fn).double() if quantized else v_real.to(torch.float8_e4m3fn).double()
-                vscale = vs.double()[..., None] if quantized else 1.0
-                l_add = (pf8.sum(-1) / 448.0).float()
-                o_add = (pf8 @ (v8 * vscale) / 448.0).float()
-            else:
-                raise ValueError(f"pv must be 'int8', 'fp16' or 'fp8', got {pv!r}")
-            l = alpha * l + l_add
-            acc = alpha[..., None] * acc + o_add
-            m = m_new
-    out = torch.where(l[..., None] > 0, acc / l.clamp_min(1e-30)[..., None], torch.zeros_like(acc))
+                kt = seg.k.to(torch.float16).float().repeat_interleave(group, dim=1)
+                s = q_half[:, :, r0:r1] @ kt.transpose(-1, -2)
+            scores.append(torch.nn.functional.pad(s, (0, pad), value=-math.inf))
+        s = torch.cat(scores, dim=-1)
+        q_pos = torch.arange(q_start + r0, q_start + r1, device=dev)
+        vis = _visible(q_pos, k_pos.clamp_min(0), causal, sliding_window, key_mask) & (k_pos >= 0)
+        s = s.masked_fill(~vis, -math.inf).view(b, hq, r1 - r0, n_tiles, block_n)
+        m_run = torch.cummax(s.amax(dim=-1), dim=-1).values  # running max after each tile
+        m_safe = torch.where(torch.isinf(m_run), torch.zeros_like(m_run), m_run)
+        p = exp_neg(m_safe[..., None] - s, exp=exp, n_r=n_r, base=sas_base).float()
+        p = _probability_operand(p, pv)
+        w = torch.where(torch.isinf(m_run), torch.zeros_like(m_run), torch.exp(m_run - m_safe[..., -1:]))
+        pw = (p * w[..., None]).reshape(b, hq, r1 - r0, n_tiles * block_n)
+        l = pw.sum(-1)
+        acc = pw @ v_eff
+        out[:, :, r0:r1] = torch.where(l[..., None] > 0, acc / l.clamp_min(1e-30)[..., None], torch.zeros_like(acc))
     return out
+
+
+def _value_operand(seg: KVSegment, pv: str) -> torch.Tensor:
+    """The values as the PV product sees them, in FP32 ``[B, Hkv, T, D]``."""
+    if seg.v.dtype == torch.int8:
+        scale = seg.v_scale[..., None]
+        if pv == "fp16":
+            return (seg.v.float() * scale).to(torch.float16).float()
+        if pv == "fp8":
+            return seg.v.float().to(torch.float8_e4m3fn).float() * scale
+        return seg.v.float() * scale
+    if pv == "fp8":
+        return seg.v.float().to(torch.float8_e4m3fn).float()
+    return seg.v.to(torch.float16).float()
+
+
+def _probability_operand(p: torch.Tensor, pv: str) -> torch.Tensor:
+    """The probabilities as the PV product sees them (int8: round(127 p) / 127; fp16; fp8: e4m3(448 p) / 448)."""
+    if pv == "int8":
+        return round_half_away(p * 127.0).clamp_(0, 127) / 127.0
+    if pv == "fp8":
+        return (p * 448.0).to(torch.float8_e4m3fn).float() / 448.0
+    return p.to(torch.float16).float()
 
 
 def int8_segments(
