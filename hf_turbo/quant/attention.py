@@ -88,7 +88,7 @@ def turbo_attention_reference(
     pv: str = "int8",
     block_m: int = 64,
     block_n: int = 64,
-    q_chunk: int = 512,
+    q_chunk: int = 128,
 ) -> torch.Tensor:
     """TurboAttention forward (see module docstring).
 
@@ -141,28 +141,40 @@ def turbo_attention_reference(
     out = torch.empty((b, hq, sq, d), dtype=torch.float32, device=dev)
     for r0 in range(0, sq, q_chunk):
         r1 = min(r0 + q_chunk, sq)
-        scores = []
+        # causal: tiles that start after the chunk's last query are invisible to every row of the chunk
+        last_pos = q_start + r1 - 1 if causal else math.inf
+        scores, n_cols = [], 0
         for seg, pad in parts:
+            t = seg.k.shape[2]
+            t_keep = min(t, max(0, int(min(last_pos - seg.start + 1, t))))
+            if t_keep == 0:
+                break
+            cols = min(-(-t_keep // block_n) * block_n, t + pad)
             if seg.k.dtype == torch.int8:
-                kt = seg.k.float().repeat_interleave(group, dim=1)
-                ks = seg.k_scale.repeat_interleave(group, dim=1)
+                kt = seg.k[:, :, :t_keep].float().repeat_interleave(group, dim=1)
+                ks = seg.k_scale[:, :, :t_keep].repeat_interleave(group, dim=1)
                 s = (q8[:, :, r0:r1].float() @ kt.transpose(-1, -2)) * q_scale[:, :, r0:r1, None] * ks[:, :, None, :]
             else:
-                kt = seg.k.to(torch.float16).float().repeat_interleave(group, dim=1)
+                kt = seg.k[:, :, :t_keep].to(torch.float16).float().repeat_interleave(group, dim=1)
                 s = q_half[:, :, r0:r1] @ kt.transpose(-1, -2)
-            scores.append(torch.nn.functional.pad(s, (0, pad), value=-math.inf))
+            scores.append(torch.nn.functional.pad(s, (0, cols - t_keep), value=-math.inf))
+            n_cols += cols
+            if cols < t + pad:
+                break
         s = torch.cat(scores, dim=-1)
+        pos = k_pos[:n_cols]
+        tiles = n_cols // block_n
         q_pos = torch.arange(q_start + r0, q_start + r1, device=dev)
-        vis = _visible(q_pos, k_pos.clamp_min(0), causal, sliding_window, key_mask) & (k_pos >= 0)
-        s = s.masked_fill(~vis, -math.inf).view(b, hq, r1 - r0, n_tiles, block_n)
+        vis = _visible(q_pos, pos.clamp_min(0), causal, sliding_window, key_mask) & (pos >= 0)
+        s = s.masked_fill(~vis, -math.inf).view(b, hq, r1 - r0, tiles, block_n)
         m_run = torch.cummax(s.amax(dim=-1), dim=-1).values  # running max after each tile
         m_safe = torch.where(torch.isinf(m_run), torch.zeros_like(m_run), m_run)
         p = exp_neg(m_safe[..., None] - s, exp=exp, n_r=n_r, base=sas_base).float()
         p = _probability_operand(p, pv)
         w = torch.where(torch.isinf(m_run), torch.zeros_like(m_run), torch.exp(m_run - m_safe[..., -1:]))
-        pw = (p * w[..., None]).reshape(b, hq, r1 - r0, n_tiles * block_n)
+        pw = (p * w[..., None]).reshape(b, hq, r1 - r0, n_cols)
         l = pw.sum(-1)
-        acc = pw @ v_eff
+        acc = pw @ v_eff[:, :, :n_cols]
         out[:, :, r0:r1] = torch.where(l[..., None] > 0, acc / l.clamp_min(1e-30)[..., None], torch.zeros_like(acc))
     return out
 
@@ -183,8 +195,8 @@ def _value_operand(seg: KVSegment, pv: str) -> torch.Tensor:
 
 def _probability_operand(p: torch.Tensor, pv: str) -> torch.Tensor:
     """The probabilities as the PV product sees them (int8: round(127 p) / 127; fp16; fp8: e4m3(448 p) / 448)."""
-    if pv == "int8":
-        return round_half_away(p * 127.0).clamp_(0, 127) / 127.0
+    if pv == "int8":  # p >= 0: round half away from zero is floor(x + 0.5)
+        return torch.floor(p * 127.0 + 0.5).clamp_(max=127) / 127.0
     if pv == "fp8":
         return (p * 448.0).to(torch.float8_e4m3fn).float() / 448.0
     return p.to(torch.float16).float()
