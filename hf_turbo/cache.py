@@ -69,10 +69,17 @@ class TurboLayer(DynamicLayer):
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, turbo: TurboConfig | None = None, priorities: list[float] | None = None, **kwargs):
+    def __init__(
+        self,
+        turbo: TurboConfig | None = None,
+        priorities: list[float] | None = None,
+        global_heads: int | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.turbo = turbo if turbo is not None else TurboConfig()
         self.priorities = priorities
+        self.global_heads = global_heads  # the model's KV heads per layer (differs from ours under tensor parallelism)
         self._clear()
 
     # ------------------------------------------------------------------ state
@@ -99,20 +106,31 @@ class TurboLayer(DynamicLayer):
             self.buffer_v = value_states[:, :, :0].clone()
 
     def _choose_head_bits(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Bit-width per local KV head: calibrated priorities if given, else gap x std of this prefill (online).
+
+        Under tensor parallelism (this layer holds ``H / world`` of the model's ``H`` KV heads) the assignment is
+        made over all ``H`` heads — calibrated priorities are global, online ones are all-gathered — and then
+        sliced, so a sharded model stores each head exactly as the unsharded one does."""
         t = self.turbo
         h = self.num_heads
-        n_low = t.num_low_heads(h)
+        rank, world = tensor_parallel_shard(h, self.global_heads)
+        h_all = h * world
+        n_low = t.num_low_heads(h_all)
         if self.priorities is not None:
             pr = torch.as_tensor(self.priorities, dtype=torch.float32)
-            if pr.numel() != h:
-                raise ValueError(f"priorities for this layer have {pr.numel()} heads but the model has {h} KV heads")
+            if pr.numel() != h_all:
+                raise ValueError(f"priorities for this layer have {pr.numel()} heads but the model has {h_all} KV heads")
         elif n_low and t.bits != t.low_bits:
             pr = head_priority(k)
             if t.priority_source == "kv":
                 pr = pr + head_priority(v)
+            if world > 1:
+                parts = [torch.empty_like(pr) for _ in range(world)]
+                torch.distributed.all_gather(parts, pr.contiguous())
+                pr = torch.cat(parts)
         else:
-            pr = torch.zeros(h)
-        self.head_bits = assign_head_bits(pr, n_low, t.bits, t.low_bits)
+            pr = torch.zeros(h_all)
+        self.head_bits = assign_head_bits(pr.cpu(), n_low, t.bits, t.low_bits)[rank * h : (rank + 1) * h]
         self.groups = {
             b: torch.nonzero(self.head_bits == b).flatten().to(self.device)
             for b in sorted(set(self.head_bits.tolist()), reverse=True)
@@ -366,6 +384,20 @@ class TurboLayer(DynamicLayer):
         return 2 * self.batch * self.num_heads * self.cumulative_length * self.head_dim * 2
 
 
+def tensor_parallel_shard(local_heads: int, global_heads: int | None) -> tuple[int, int]:
+    """``(rank, world)`` of this process's head shard: ``(0, 1)`` unless the layer holds ``global_heads / world``
+    heads of a tensor-parallel model (heads split contiguously by rank over the default process group)."""
+    if global_heads is None or local_heads == global_heads:
+        return 0, 1
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and local_heads * dist.get_world_size() == global_heads:
+        return dist.get_rank(), dist.get_world_size()
+    raise ValueError(
+        f"key_states has {local_heads} KV heads but the model config has {global_heads}; a tensor-parallel shard "
+        "must hold num_key_value_heads / world_size heads of an initialized torch.distributed group"
+    )
+
+
 def _text_config(config: Any) -> Any:
     if config is not None and hasattr(config, "get_text_config"):
         return config.get_text_config(decoder=True)
@@ -429,8 +461,10 @@ class TurboQuantCache(Cache):
         text = _text_config(config)
         if text is not None:
             pr = self.turbo.priorities
+            heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
             layers = [
-                TurboLayer(self.turbo, priorities=None if pr is None else pr[i]) for i in range(text.num_hidden_layers)
+                TurboLayer(self.turbo, priorities=None if pr is None else pr[i], global_heads=heads)
+                for i in range(text.num_hidden_layers)
             ]
             super().__init__(layers=layers)
         else:
