@@ -1,0 +1,277 @@
+"""End-to-end serving benchmark: maximum decode throughput at a fixed GPU memory budget, TTFT and time per token.
+
+    python -m hf_turbo.eval.bench_throughput --shape llama3-8b --budget-gib 60       # GPU, one call < 10 min
+    hf-turbo bench throughput --shape tiny --device cpu --lengths 128:16            # a CPU smoke run
+
+Methods, same run, same weights: ``sdpa`` (SDPA + DynamicCache, the FP16/BF16 cache), ``turbo4`` (turbo attention +
+TurboQuantCache, all heads INT4), ``turbo-mixed`` (half the KV heads INT2), and ``quanto4`` (transformers'
+QuantizedCache, quanto backend, 4-bit, + SDPA) when optimum-quanto imports.
+
+For each ``prompt:generated`` length the largest batch that fits the budget (weights included, the same budget for
+every method) is found from two measured points of peak memory (batch 1 and 2: intercept + slope per sequence),
+then checked by running it (stepping down 10% on OOM). At that batch and at a ladder of smaller batches we measure
+time to first token (prefill of the whole batch), mean time per output token and decode throughput (generated
+tokens / decode time), greedy, a fixed number of new tokens (EOS ignored). No CUDA graphs or torch.compile (not every
+method supports them). KV bytes per token are read from the cache objects (scales and buffer included) next to the
+theoretical FP16 figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from typing import Any
+
+import torch
+
+SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=32768)),
+    "phi3-mini": ("phi3", dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+                               num_key_value_heads=32, vocab_size=32064, max_position_embeddings=32768)),
+    "qwen2-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                               num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768)),
+    "tiny": ("llama", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096)),
+}
+METHODS = ("sdpa", "turbo4", "turbo-mixed", "quanto4")
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype):
+    """A random-weight model of ``shape`` built directly on ``device`` (no download)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, kw = SHAPES[shape]
+    cfg = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def method_available(method: str) -> str | None:
+    """None if ``method`` can run here, else why not."""
+    if method == "quanto4":
+        try:
+            import optimum.quanto  # noqa: F401
+        except Exception as exc:
+            return f"optimum-quanto not importable: {exc!r}"
+    return None
+
+
+def make_cache(method: str, model):
+    from transformers import DynamicCache
+
+    from hf_turbo import TurboQuantCache
+
+    if method == "sdpa":
+        return DynamicCache(config=model.config)
+    if method == "turbo4":
+        return TurboQuantCache(model.config, int2_fraction=0.0)
+    if method == "turbo-mixed":
+        return TurboQuantCache(model.config, int2_fraction=0.5)
+    if method == "quanto4":
+        from transformers import QuantizedCache
+
+        return QuantizedCache(backend="quanto", config=model.config, nbits=4)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Storage bytes of a tensor, looking inside wrapper subclasses (quanto's packed/scaled tensors)."""
+    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.nbytes
+
+
+def cache_bytes(cache) -> int:
+    """Bytes a cache object holds (ours: codes, scales, zeros, buffer; others: every tensor in its layers)."""
+    if hasattr(cache, "nbytes"):
+        return int(cache.nbytes())
+    return sum(tensor_bytes(v) for layer in cache.layers for v in vars(layer).values() if isinstance(v, torch.Tensor))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def run_once(model, method: str, batch: int, prompt: int, new: int, device) -> dict[str, Any]:
+    """One generation: TTFT, decode throughput, time per output token, cache bytes, peak memory."""
+    from hf_turbo.generate import cache_kwarg
+
+    model.set_attn_implementation("sdpa" if method in ("sdpa", "quanto4") else "turbo")
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
+    mask = torch.ones_like(ids)
+    ckw = cache_kwarg()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, **{ckw: make_cache(method, model)})
+    _sync(device)
+    ttft = time.perf_counter() - t0
+    cache = make_cache(method, model)
+    t0 = time.perf_counter()
+    model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                   **{ckw: cache})
+    _sync(device)
+    total = time.perf_counter() - t0
+    decode = max(total - ttft, 1e-9)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    tokens = prompt + new
+    kv = cache_bytes(cache)
+    return {
+        "method": method, "batch": batch, "prompt": prompt, "new": new,
+        "ttft_s": ttft, "tpot_ms": 1e3 * decode / max(new - 1, 1),
+        "decode_tok_s": batch * (new - 1) / decode, "peak_gib": peak / 2**30,
+        "kv_bytes_per_token": kv / (batch * tokens),
+    }
+
+
+def fp16_bytes_per_token(model) -> float:
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * heads * head_dim * 2
+
+
+def max_batch(model, method, prompt, new, budget_bytes, device, cap: int) -> int:
+    """Largest batch under ``budget_bytes`` peak memory: fit intercept + slope from batches 1 and 2, then check."""
+    if device.type != "cuda":
+        return min(cap, 4)
+    p1 = run_once(model, method, 1, prompt, new, device)["peak_gib"] * 2**30
+    p2 = run_once(model, method, 2, prompt, new, device)["peak_gib"] * 2**30
+    slope = max(p2 - p1, 1.0)
+    b = int(max(1, min(cap, (budget_bytes - (p1 - slope)) // slope)))
+    while b > 1:
+        try:
+            r = run_once(model, method, b, prompt, min(new, 8), device)
+            if r["peak_gib"] * 2**30 <= budget_bytes:
+                return b
+        except torch.OutOfMemoryError:
+            pass
+        gc.collect()
+        b = int(b * 0.9)
+    return 1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--budget-gib", type=float, default=60.0, help="GPU memory budget, weights included")
+    ap.add_argument("--lengths", default="1024:256,4096:256,16384:128", help="prompt:generated pairs")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--ladder", default="1,4,16", help="smaller batches measured besides the maximum")
+    ap.add_argument("--max-batch-cap", type=int, default=512)
+    ap.add_argument("--name", default=None, help="results name (default bench_throughput_<shape>)")
+    ap.add_argument("--out-dir", default=None)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from hf_turbo.eval.results import write_result
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.shape, device, dtype)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    budget = args.budget_gib * 2**30
+    rows, skipped = [], {}
+    lengths = [tuple(int(x) for x in pair.split(":")) for pair in args.lengths.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    for method in methods:
+        reason = method_available(method)
+        if reason:
+            skipped[method] = reason
+    jobs = [(m, p, n) for p, n in lengths for m in methods if m not in skipped]
+    for method in {m for m, _, _ in jobs}:  # warm-up: kernel compilation and allocator growth stay out of timings
+        run_once(model, method, 1, 64, 4, device)
+    for method, prompt, new in tqdm(jobs, desc="throughput"):
+        try:
+            bmax = max_batch(model, method, prompt, new, budget, device, args.max_batch_cap)
+            batches = sorted({b for b in (int(x) for x in args.ladder.split(",")) if b < bmax} | {bmax})
+            for b in batches:
+                r = run_once(model, method, b, prompt, new, device)
+                r["max_batch"] = b == bmax
+                rows.append(r)
+        except Exception as exc:  # one method failing must not hide the others' numbers
+            skipped[f"{method}@{prompt}"] = repr(exc)[:300]
+    fp16 = fp16_bytes_per_token(model)
+    for r in rows:
+        r["kv_ratio_vs_fp16"] = fp16 / r["kv_bytes_per_token"] if r["kv_bytes_per_token"] else float("nan")
+    best = {}
+    for r in rows:
+        key = (r["prompt"], r["method"])
+        if r["max_batch"]:
+            best[key] = r
+    summary = []
+    for (prompt, method), r in sorted(best.items()):
+        base = best.get((prompt, "sdpa"))
+        summary.append({"prompt": prompt, "method": method, "max_batch": r["batch"],
+                        "decode_tok_s": r["decode_tok_s"], "ratio_vs_sdpa": (r["decode_tok_s"] / base["decode_tok_s"]) if base else float("nan"),
+                        "ttft_s": r["ttft_s"], "tpot_ms": r["tpot_ms"], "kv_bytes_per_token": r["kv_bytes_per_token"],
+                        "kv_ratio_vs_fp16": r["kv_ratio_vs_fp16"]})
+    name = args.name or f"bench_throughput_{args.shape}"
+    write_result(
+        name, summary, title=f"Max decode throughput at a {args.budget_gib:g} GiB budget, {args.shape} ({args.dtype})",
+        notes=(f"Weights {weights / 2**30:.1f} GiB; FP16 KV {fp16:.0f} B/token. Greedy, fixed new tokens, no CUDA graphs."
+               + (f" Skipped: {skipped}" if skipped else "")),
+        extra={"all_rows": rows, "skipped": skipped, "budget_gib": args.budget_gib},
+        out_dir=Path(args.out_dir) if args.out_dir else None,
+    )
+    _plot(rows, name, Path(args.out_dir) if args.out_dir else None)
+    for s in summary:
+        print(s)
+    return 0
+
+
+def _plot(rows, name, out_dir) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    from hf_turbo.eval.results import RESULTS_DIR
+
+    out = (out_dir or RESULTS_DIR) / f"{name}.png"
+    prompts = sorted({r["prompt"] for r in rows})
+    fig, axes = plt.subplots(1, len(prompts), figsize=(5 * len(prompts), 4), squeeze=False)
+    for ax, prompt in zip(axes[0], prompts):
+        for method in METHODS:
+            pts = sorted((r["batch"], r["decode_tok_s"]) for r in rows if r["prompt"] == prompt and r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title(f"prompt {prompt}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
