@@ -104,6 +104,7 @@ def turbo_attention_forward(
         out = ops.attend_layer(
             query, layer, sm_scale=sm_scale, causal=causal, key_mask=key_mask, sliding_window=sliding_window
         )
+        layer.release_step()
     else:
         validate_kv("key", key)
         validate_kv("value", value)

@@ -18,7 +18,8 @@ Per layer (:class:`TurboLayer`, a ``DynamicLayer``):
 Hand-off to attention: the attention function never sees the cache, so :meth:`TurboLayer.update` attaches itself
 to the tensors it returns (``key.turbo_layer``). When the model runs ``attn_implementation="turbo"`` (read live from
 the model config) those tensors are zero-stride placeholders of the right shape and the "turbo" function reads the
-compressed state; for any other attention they are the real dequantized K/V, so SDPA or eager stay correct.
+compressed state; for any other attention they are the real K/V of the step (:meth:`TurboLayer.step_kv`: blocks
+compressed before the step, dequantized, then the FP16 tail), so SDPA or eager stay correct and see what "turbo" sees.
 """
 
 from __future__ import annotations
@@ -168,6 +169,8 @@ class TurboLayer(DynamicLayer):
         """BPQ ``k, v [B, H, nb * block_size, D]`` into the pools (blocks ``n_blocks ..``)."""
         bs = self.turbo.block_size
         nb = k.shape[-2] // bs
+        if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
+            raise ValueError("key/value states contain NaN or Inf: the cache refuses to quantize non-finite values")
         self._ensure_capacity(self.n_blocks + nb)
         backend = ops.kernel_backend(k.device)
         if backend is not None:
@@ -220,12 +223,14 @@ class TurboLayer(DynamicLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, turbo_reader: bool = False, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``key_states, value_states [B, H, T, D]``; return what the attention function reads."""
-        validate_kv("key_states", key_states, check_finite=self.turbo.quantize)
-        validate_kv("value_states", value_states, check_finite=self.turbo.quantize)
+        validate_kv("key_states", key_states, check_finite=False)
+        validate_kv("value_states", value_states, check_finite=False)
         if key_states.shape != value_states.shape:
             raise ValueError(
                 f"key_states {tuple(key_states.shape)} and value_states {tuple(value_states.shape)} differ in shape"
             )
+        if value_states.device != key_states.device:
+            raise ValueError(f"value_states is on {value_states.device}, but key_states is on {key_states.device}")
         if self.is_initialized:
             expect = (self.batch, self.num_heads, self.head_dim)
             got = (key_states.shape[0], key_states.shape[1], key_states.shape[3])
@@ -233,7 +238,12 @@ class TurboLayer(DynamicLayer):
                 raise ValueError(f"key_states has (batch, kv_heads, head_dim) = {got}, but this cache holds {expect}")
             if key_states.device != self.device:
                 raise ValueError(f"key_states is on {key_states.device}, but this cache lives on {self.device}")
-        else:
+        # NaN/Inf checks cost a device sync on CUDA: there they run on prefills and on every flushed block (so each
+        # token is checked before it is compressed), not on every single decode token
+        if self.turbo.quantize and (key_states.device.type == "cpu" or key_states.shape[-2] > 1):
+            validate_kv("key_states", key_states)
+            validate_kv("value_states", value_states)
+        if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         key_states, value_states = key_states.to(self.dtype), value_states.to(self.dtype)
         self.cumulative_length += key_states.shape[-2]
@@ -259,9 +269,26 @@ class TurboLayer(DynamicLayer):
             keys = key_states.new_zeros(()).expand(shape)
             values = value_states.new_zeros(()).expand(shape)
         else:
-            keys, values = self.dequantized()
+            keys, values = self.step_kv()
         keys.turbo_layer = self
         return keys, values
+
+    def step_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a non-turbo attention reads this step, ``[B, H, S, D]`` in the model's dtype: the blocks compressed
+        before this step, dequantized, then the FP16 tail (old buffer + new tokens). The same state the turbo
+        attention reads: tokens flushed by this very step are attended in full precision once (like the turbo
+        prefill), not through their just-made 4-bit codes."""
+        out = []
+        for kv, tail in (("k", self._tail_k), ("v", self._tail_v)):
+            x8, scale = self.rebuild_int8(kv, self.blocks_before)
+            deq = dequantize_int8(x8, scale, self.turbo.block_size).to(self.dtype)
+            out.append(torch.cat([deq, tail], dim=-2))
+        return out[0], out[1]
+
+    def release_step(self) -> None:
+        """Drop this step's FP16 tail once attention has read it (the buffer keeps the unflushed part), so that a
+        long prefill does not stay resident in FP16 across layers."""
+        self._tail_k = self._tail_v = None
 
     def attention_segments(self) -> list[KVSegment]:
         """Keys/values for the attention of the current step (reference path, see quant/attention.py):
@@ -308,6 +335,7 @@ class TurboLayer(DynamicLayer):
         if not self.turbo.quantize:
             if self.keys is not None and self.keys.numel():
                 self.keys, self.values = fn(self.keys), fn(self.values)
+                self.batch = self.keys.shape[0]
             return
         for pool in self.pools.values():
             for name in list(pool):
@@ -333,7 +361,7 @@ class TurboLayer(DynamicLayer):
         if max_length is not None:
             tokens_to_remove = max_length
         target = tokens_to_remove if tokens_to_remove > 0 else cur + tokens_to_remove
-        if tokens_to_remove == 0 or target >= cur:
+        if tokens_to_remove == 0 or target >= cur or not self.is_initialized:
             return
         target = max(target, 0)
         if not self.turbo.quantize:

@@ -37,11 +37,13 @@ class TurboConfig:
         int2_heads: alternatively, the number of such heads per layer (overrides ``int2_fraction``).
         k_axis / v_axis: stage-2 grouping. "channel": one (scale, zero) per channel over a block of tokens;
             "token": one per token over the head dim. Defaults K per channel, V per token (KIVI-style [I]).
-        exp: "sas" (LUT x cubic polynomial in FP16, zero beyond n_r) or "exp2" (hardware exponential, FP32).
+        exp: "sas" (LUT x cubic polynomial in FP16, zero beyond n_r; the paper) or "exp2" (hardware exponential,
+            FP32; the default: measured faster and more accurate in our Triton kernels, see README).
         sas_base: "e": e^-x = LUT[floor x] * POLY(frac) (the paper); "2": 2^-y with the integer part from exponent
             bits and a cubic for 2^-frac (kernel-friendly; same function to within FP16 rounding of the table).
         n_r: SAS threshold: exp(-x) is exactly 0 for x > n_r (natural-log units).
-        pv: precision of the P @ V product: "int8" (P*127, the paper), "fp16" or "fp8" (GPU kernels only).
+        pv: precision of the P @ V product: "int8" (P*127, the paper), "fp16" (the default: faster and more accurate
+            on the H100) or "fp8" (reference only for now).
         buffer_attention: how attention reads the FP16 buffer and new tokens: "int8" (stage-1 on the fly) or "fp16".
         block_m / block_n: query rows per INT8 scale and keys per softmax tile (the reference tiles like the kernels).
         priority_source: tensors scored for head priority: "k" or "kv" (sum of both scores).
@@ -56,10 +58,10 @@ class TurboConfig:
     int2_heads: int | None = None
     k_axis: str = "channel"
     v_axis: str = "token"
-    exp: str = "sas"
+    exp: str = "exp2"
     sas_base: str = "e"
     n_r: float = 6.0
-    pv: str = "int8"
+    pv: str = "fp16"
     buffer_attention: str = "int8"
     block_m: int = 64
     block_n: int = 64
@@ -125,7 +127,7 @@ class TurboConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> TurboConfig:
         """Named presets. "paper": the paper's choices (SAS base e, INT8 P, INT8 buffer, 25% INT2 heads).
-        "default": our measured best (see README). "int4": all heads 4-bit. "noquant": plumbing mode."""
+        "default": our measured best on speed x accuracy (exp2 + FP16 PV; README, eval/results/attention_*.json). "int4": all heads 4-bit. "noquant": plumbing mode."""
         presets = {
             "paper": dict(exp="sas", sas_base="e", pv="int8", buffer_attention="int8", int2_fraction=0.25),
             "default": dict(),

@@ -39,6 +39,18 @@ def kernel_backend(device: torch.device):
     return kernels
 
 
+def _backend_for(device: torch.device, turbo):
+    """The kernels module if it runs on ``device`` and computes ``turbo``'s choices, else None (reason warned once)."""
+    backend = kernel_backend(device)
+    if backend is None:
+        return None
+    why = backend.unsupported(turbo)
+    if why:
+        _warn_once(f"hf_turbo: Triton kernels do not support this TurboConfig ({why}); running the PyTorch reference")
+        return None
+    return backend
+
+
 def left_padding(key_mask: torch.Tensor | None) -> torch.Tensor | None:
     """``key_mask [B, S]`` (True = real) -> int32 ``[B]`` count of leading padding, or None without padding.
 
@@ -63,7 +75,7 @@ def attend_layer(query: torch.Tensor, layer, *, sm_scale: float, causal: bool, k
 
     Returns float32 ``[B, Hq, Sq, D]`` (reference) or the query dtype (kernels)."""
     t = layer.turbo
-    backend = kernel_backend(query.device)
+    backend = _backend_for(query.device, t)
     if backend is not None:
         return backend.attend_layer(
             query, layer, sm_scale=sm_scale, causal=causal, pad=left_padding(key_mask), sliding_window=sliding_window
@@ -87,7 +99,7 @@ def attend_layer(query: torch.Tensor, layer, *, sm_scale: float, causal: bool, k
 def attend_no_cache(query, key, value, turbo, *, sm_scale, causal, key_mask, sliding_window) -> torch.Tensor:
     """INT8 + SAS attention over ``key, value [B, Hkv, S, D]`` quantized on the fly (no cache: log-likelihoods,
     ``use_cache=False``)."""
-    backend = kernel_backend(query.device)
+    backend = _backend_for(query.device, turbo)
     if backend is not None:
         return backend.prefill(
             query, key, value, turbo, sm_scale=sm_scale, causal=causal, pad=left_padding(key_mask),

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from .bpq import INT8_RANGE, quantize_int8_blocks, round_half_away
+from .bpq import INT8_RANGE, quantize_int8_blocks
 from .sas import exp_neg
 
 
@@ -136,7 +136,6 @@ def turbo_attention_reference(
         v_eff.append(torch.nn.functional.pad(_value_operand(seg, pv), (0, 0, 0, pad)))
     k_pos = torch.cat(k_pos)
     v_eff = torch.cat(v_eff, dim=2).repeat_interleave(group, dim=1)  # [B, Hq, T, D]
-    n_tiles = k_pos.numel() // block_n
 
     out = torch.empty((b, hq, sq, d), dtype=torch.float32, device=dev)
     for r0 in range(0, sq, q_chunk):

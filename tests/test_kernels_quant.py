@@ -1,0 +1,91 @@
+# ruff: noqa: E741
+"""Interpreted (CPU) tests of kernels/quantize_pack.py against hf_turbo.quant.bpq: bit-exact.
+
+Fresh random inputs each run (conftest seeds), outputs poisoned before every kernel run."""
+
+import os
+
+import pytest
+import torch
+
+from hf_turbo.cache import TurboLayer
+from hf_turbo.config import TurboConfig
+from hf_turbo.quant.bpq import quantize_int8_blocks
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="needs the Triton interpreter (CPU) or CUDA",
+)
+
+DEV = "cuda" if os.environ.get("HF_TURBO_GPU_TESTS") == "1" else "cpu"
+
+
+def _inputs(b, h, t, d, dtype=torch.float16, outlier=True):
+    x = torch.randn(b, h, t, d, device=DEV) * torch.rand(1, h, 1, d, device=DEV) * 3
+    if outlier:
+        x[..., 3] *= 8  # a channel outlier, like real keys
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("d", [64, 96])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_stage1_bit_exact(d, dtype):
+    from hf_turbo.kernels.quantize_pack import stage1
+
+    x = _inputs(2, 3, 150, d, dtype)  # partial last block
+    ref8, refs = quantize_int8_blocks(x.cpu(), 64, scale_mult=0.125)
+    ref8, refs = ref8.to(DEV), refs.to(DEV)
+    x8, s = stage1(x, 64, scale_mult=0.125)
+    assert torch.equal(x8, ref8)
+    assert torch.equal(s, refs)
+    xt, st = stage1(x, 64, transpose=True)
+    assert torch.equal(xt.transpose(-1, -2), ref8)
+    xd, _ = stage1(x, 64, dequant_fp16=True)
+    ref_deq = (ref8.float() * refs.repeat_interleave(64, -1)[..., :150, None] / 0.125).half()
+    assert torch.equal(xd, ref_deq)
+
+
+def _poison(layer):
+    for pool in layer.pools.values():
+        for _name, t in pool.items():
+            if t.dtype.is_floating_point:
+                t.fill_(float("nan"))
+            else:
+                t.view(torch.uint8).fill_(0xAA)
+
+
+@pytest.mark.parametrize(
+    "d,bits,low,frac,k_axis,v_axis",
+    [
+        (64, 4, 2, 0.5, "channel", "token"),
+        (96, 4, 2, 0.25, "channel", "token"),
+        (128, 4, 2, 0.0, "token", "channel"),
+        (64, 8, 2, 0.5, "channel", "channel"),
+    ],
+)
+def test_compress_into_bit_exact(d, bits, low, frac, k_axis, v_axis):
+    from hf_turbo.kernels.quantize_pack import compress_into
+
+    cfg = TurboConfig(bits=bits, low_bits=low, int2_fraction=frac, k_axis=k_axis, v_axis=v_axis)
+    h = 4
+    k = _inputs(2, h, 64 * 3 + 5, d)
+    v = _inputs(2, h, 64 * 3 + 5, d, outlier=False)
+    ref = TurboLayer(cfg)
+    k, v = k.cpu(), v.cpu()
+    ref.update(k[:, :, :70], v[:, :, :70])  # one block, through the reference path on CPU
+    ref.update(k[:, :, 70:], v[:, :, 70:])  # two more blocks
+    assert ref.n_blocks == 3
+    expect = {b: {n: t.clone() for n, t in p.items()} for b, p in ref.pools.items()}
+    for pool in ref.pools.values():
+        for name in list(pool):
+            pool[name] = pool[name].to(DEV)
+    # the same blocks through the kernel, after poisoning, in two flushes like the reference
+    _poison(ref)
+    ref.n_blocks = 0
+    for lo, hi in ((0, 64), (64, 192)):
+        compress_into(ref, k[:, :, lo:hi].to(DEV), v[:, :, lo:hi].to(DEV))
+        ref.n_blocks += (hi - lo) // 64
+    for b, pool in ref.pools.items():
+        for name, t in pool.items():
+            got, exp = t[:, :, :3].cpu(), expect[b][name][:, :, :3]
+            assert torch.equal(got, exp), (b, name)
