@@ -24,7 +24,12 @@ def _ref_kwargs(t: TurboConfig):
     return dict(exp=t.exp, n_r=t.n_r, sas_base=t.sas_base, pv=t.pv, block_m=t.block_m, block_n=t.block_n)
 
 
-def _check(out, ref, vmax, rel=2e-3):
+# compiled on a GPU, the FP16 Horner steps of SAS are contracted into FMAs (one FP16 ulp of p, which can flip a P*127
+# code): measured up to 2.7e-3 there (tests/gpu uses 5e-3 for the same reason); the interpreter rounds every step
+REL_L2 = 5e-3 if DEV == "cuda" else 2e-3
+
+
+def _check(out, ref, vmax, rel=REL_L2):
     assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) output elements"
     o, r = out.float(), ref.float().to(out.device)
     err = (o - r).norm() / r.norm().clamp_min(1e-12)
