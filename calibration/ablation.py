@@ -267,6 +267,7 @@ def main(argv=None) -> int:
     from hf_turbo.eval.cli import describe_model, set_threads
     from hf_turbo.eval.results import write_result
 
+    from hf_turbo.config import TurboConfig
     from hf_turbo.models import load_model
 
     set_threads(None)
@@ -286,7 +287,8 @@ def main(argv=None) -> int:
             f"sqrt(sum err^2 / sum ref^2)) on {p['err_tokens']} held-out tokens of `{p['eval_text']}`; all heads "
             f"4-bit: {rows[0]['attn_err_0']:.4g}. ppl_delta_pct_n: perplexity vs FP SDPA through TurboQuantCache "
             f"(turbo attention, chunked protocol of hf_turbo.eval.perplexity) on {p['ppl_tokens']} tokens of "
-            f"`{p['eval_text']}`; all heads 4-bit: {extra['int4_ppl_delta_pct']:+.2f}%. Calibration: "
+            f"`{p['eval_text']}` with TurboConfig defaults (exp={TurboConfig().exp}, pv={TurboConfig().pv}); all heads "
+            f"4-bit: {extra['int4_ppl_delta_pct']:+.2f}%. Calibration: "
             f"{p['calib_tokens']} tokens of `{p['calib_text']}`. random: error = mean of 10 seeds, ppl = seed 0. "
             f"oracle-eval is measured on the evaluation samples themselves (a bound, not a method). The 'all heads' rows "
             f"split the INT2 error into its K and V parts (attention error with only K, or only V, at 2 bits)."

@@ -41,12 +41,12 @@ class GenerationReport:
 
 
 def cache_kwarg() -> str:
-    """The generate() keyword for a user cache: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
-    import inspect
+    """The generate()/forward keyword for a user cache: ``cache`` from transformers 5.24 on (``past_key_values`` is
+    deprecated there), ``past_key_values`` before."""
+    import transformers
+    from packaging.version import Version
 
-    from transformers import GenerationMixin
-
-    return "cache" if "cache" in inspect.signature(GenerationMixin.generate).parameters else "past_key_values"
+    return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:

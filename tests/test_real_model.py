@@ -2,20 +2,25 @@
 TurboQuantCache vs SDPA. The measurement is :func:`hf_turbo.eval.smollm2_agreement.measure` (the script that writes
 ``eval/results/smollm2_agreement.json``); this test recomputes it and asserts the bounds. It never writes results.
 
-Bounds (measured first, CPU float32, transformers 5.17 and 5.24 -- identical figures):
+Bounds (measured first, CPU float32; transformers 5.17 and 5.24 give identical figures):
 
-=======================  ===========  ============  =======================================================
-setting                  measured     asserted      why this margin
-=======================  ===========  ============  =======================================================
-int4, top-1 agreement    0.957        >= 0.90       ~14 more of 255 predictions may flip; near-ties of a
-int4, decode positions   0.930        >= 0.85       135M model flip under any ~1% logit noise
-int4, perplexity delta   +0.37%       <= 3%         an 8x margin; a broken block or mask costs far more
-no cache, agreement      0.969        >= 0.93       INT8 only (no 4-bit blocks): tighter
-no cache, ppl delta      +0.63%       <= 2%
-=======================  ===========  ============  =======================================================
+=====================================  ===========  ============  ============================================
+setting                                measured     asserted      why this margin
+=====================================  ===========  ============  ============================================
+int4 defaults (exp2, FP16 P): top-1    0.957        >= 0.90       ~8-14 more of the 255 predictions may flip:
+  decode positions only                0.930        >= 0.85       a 135M model has many near-ties that flip
+  perplexity delta                     +0.37%       <= 3%         under ~1% logit noise; the ppl bound is 8x
+int4, SAS + INT8 P: top-1              0.933        >= 0.90
+  decode positions only                0.914        >= 0.85
+  perplexity delta                     +0.27%       <= 3%
+no cache (INT8 Q/K/V): top-1           0.969        >= 0.93       INT8 only (no 4-bit blocks): tighter
+  perplexity delta                     +0.63%       <= 2%
+=====================================  ===========  ============  ============================================
 
-For scale: 25% of the KV heads at INT2 (the paper's mixed setting) measures 0.914 / +3.7%, outside the INT4 bounds,
-so the test does discriminate between quantization levels.
+For scale (eval/results/smollm2_agreement.json): with 25% of the KV heads at INT2 the paper preset (SAS, INT8 P)
+measures 0.902 / decode 0.852 / +1.7%, and the defaults + 25% INT2 measured 0.914 / +3.7%: the bounds are set for
+all-INT4 and sit at the edge of what 2-bit heads give, so they are not loose enough to hide a real regression (a
+broken block, mask or position costs far more).
 """
 
 from __future__ import annotations
@@ -71,12 +76,13 @@ def test_model_is_the_embedded_default(smollm2, sample):
     assert 5 < float(ppl) < 60
 
 
-def test_turbo_cache_agreement_and_perplexity(smollm2, sample):
-    from hf_turbo.eval.smollm2_agreement import measure
+@pytest.mark.parametrize("setting", ["defaults", "sas-int8"])
+def test_turbo_cache_agreement_and_perplexity(smollm2, sample, setting):
+    from hf_turbo.eval.smollm2_agreement import CONFIGS, DEFAULT, SAS_INT8, measure
 
     model, _ = smollm2
     ids, reference = sample
-    r = measure(model, ids, {}, reference=reference)
+    r = measure(model, ids, CONFIGS[DEFAULT if setting == "defaults" else SAS_INT8], reference=reference)
     msg = f"measured {r}"
     assert r["top1_agreement"] >= 0.90, msg
     assert r["agreement_decode"] >= 0.85, msg
