@@ -39,12 +39,7 @@ def _cache_kw(model):
     return cache_kwarg(model)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_stats_single_sample_equals_head_priority():

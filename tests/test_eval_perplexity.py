@@ -12,13 +12,7 @@ from hf_turbo.eval.kivi import KIVICache, KIVILayer, fake_quantize
 
 import hf_turbo  # noqa: F401
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_fake_quantize_groups_and_error():

@@ -4,7 +4,6 @@ AQuA-CoT task, and an offline end-to-end smoke run of the local GSM8K task with 
 from __future__ import annotations
 
 import pytest
-import torch
 import yaml
 
 pytest.importorskip("lm_eval")
@@ -14,13 +13,7 @@ from hf_turbo.eval.data import DataUnavailable  # noqa: E402
 
 import hf_turbo  # noqa: F401, E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registered_and_args_cast():

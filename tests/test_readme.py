@@ -11,6 +11,16 @@ from hf_turbo.eval import report
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _require_smollm2():
+    pytest.importorskip("gguf")
+    from hf_turbo.models import find_default_gguf
+
+    try:
+        find_default_gguf()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
 def test_readme_results_in_sync_with_json():
     readme = (ROOT / "README.md").read_text()
     assert readme == report.updated_readme(readme, ROOT / "eval" / "results"), (
@@ -26,13 +36,7 @@ def test_report_renders_every_results_file():
 
 @pytest.mark.slow
 def test_readme_python_example_runs(tmp_path):
-    pytest.importorskip("gguf")
-    from hf_turbo.models import find_default_gguf
-
-    try:
-        find_default_gguf()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+    _require_smollm2()
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     assert blocks, "README has no python example"
     script = tmp_path / "example.py"
@@ -47,13 +51,7 @@ def test_readme_python_example_runs(tmp_path):
 def test_quickstart_notebook_runs_top_to_bottom(tmp_path):
     import json
 
-    pytest.importorskip("gguf")
-    from hf_turbo.models import find_default_gguf
-
-    try:
-        find_default_gguf()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+    _require_smollm2()
     nb = json.loads((ROOT / "notebooks" / "quickstart.ipynb").read_text())
     code = "\n\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
     script = tmp_path / "nb.py"
