@@ -83,21 +83,6 @@ def make_cache(method: str, model):
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Storage bytes of a tensor, looking inside wrapper subclasses (quanto's packed/scaled tensors)."""
-    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
-    return t.nbytes
-
-
-def cache_bytes(cache) -> int:
-    """Bytes a cache object holds (ours: codes, scales, zeros, buffer; others: every tensor in its layers)."""
-    if hasattr(cache, "nbytes"):
-        return int(cache.nbytes())
-    return sum(tensor_bytes(v) for layer in cache.layers for v in vars(layer).values() if isinstance(v, torch.Tensor))
-
-
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -117,7 +102,7 @@ def prefill(model, ids: torch.Tensor, cache, chunk: int) -> None:
 @torch.inference_mode()
 def run_once(model, method: str, batch: int, prompt: int, new: int, device, chunk: int = 1024) -> dict[str, Any]:
     """One generation: chunked prefill, then greedy decoding of ``new`` tokens. TTFT = prefill + the first token."""
-    from hf_turbo.generate import cache_kwarg
+    from hf_turbo.generate import cache_bytes, cache_kwarg
 
     model.set_attn_implementation("sdpa" if method in ("sdpa", "quanto4") else "turbo")
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
@@ -156,10 +141,9 @@ def run_once(model, method: str, batch: int, prompt: int, new: int, device, chun
 
 
 def fp16_bytes_per_token(model) -> float:
-    cfg = model.config
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * heads * head_dim * 2
+    from hf_turbo.generate import fp16_kv_bytes
+
+    return fp16_kv_bytes(model, 1)
 
 
 def max_batch(model, method, prompt, new, budget_bytes, device, cap: int) -> int:

@@ -60,7 +60,7 @@ def run(args) -> dict:
 
     import hf_turbo  # noqa: F401  (registers "turbo")
     from hf_turbo import TurboQuantCache
-    from hf_turbo.generate import cache_kwarg
+    from hf_turbo.generate import cache_bytes, cache_kwarg
 
     rank, world = _rank_world()
     dtype = getattr(torch, args.dtype)
@@ -101,10 +101,7 @@ def run(args) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             secs = time.perf_counter() - t0
-        if method == "turbo":
-            kv = cache.nbytes()
-        else:
-            kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        kv = cache_bytes(cache)
         kv_all = [int(kv)]
         if world > 1:
             kv_all = [None] * world

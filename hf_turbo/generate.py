@@ -61,11 +61,27 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
-def _fp16_bytes(model, tokens: int, batch: int = 1) -> int:
+def fp16_kv_bytes(model, tokens: int, batch: int = 1) -> int:
+    """Bytes an FP16 KV cache holds for ``batch`` sequences of ``tokens`` tokens of ``model``."""
     cfg = model.config.get_text_config(decoder=True)
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return 2 * cfg.num_hidden_layers * batch * heads * tokens * head_dim * 2
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Storage bytes of a tensor, looking inside wrapper subclasses (quanto's packed/scaled tensors)."""
+    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.nbytes
+
+
+def cache_bytes(cache) -> int:
+    """Bytes a cache object holds (ours: codes, scales, zeros, buffer; others: every tensor in its layers)."""
+    if hasattr(cache, "nbytes"):
+        return int(cache.nbytes())
+    return sum(tensor_bytes(v) for layer in cache.layers for v in vars(layer).values() if isinstance(v, torch.Tensor))
 
 
 def _sync(device: torch.device) -> None:
@@ -117,11 +133,7 @@ def run_generation(
     new = out[0, ids.shape[1] :]
     n_new = int(new.numel())
     decode_s = max(total_s - prefill_s, 1e-9)
-    if method == "turbo":
-        kv_bytes, fp16_bytes = cache.nbytes(), cache.fp16_nbytes()
-    else:
-        kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
-        fp16_bytes = _fp16_bytes(model, cache.get_seq_length())
+    kv_bytes, fp16_bytes = cache_bytes(cache), fp16_kv_bytes(model, cache.get_seq_length())
     return GenerationReport(
         method=method,
         answer=tokenizer.decode(new, skip_special_tokens=True).strip(),

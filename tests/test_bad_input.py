@@ -210,17 +210,17 @@ def test_priorities_for_another_model():
         TurboQuantCache(cfg)
 
 
-def test_priorities_for_another_model_at_apply_turbo():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_llama_config(**extra):
+    from transformers import LlamaConfig
 
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    return LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, **extra)
+
+
+def test_priorities_for_another_model_at_apply_turbo():
+    from transformers import LlamaForCausalLM
+
+    cfg = _tiny_llama_config()
     model = LlamaForCausalLM(cfg)
     with pytest.raises(ValueError, match=r"this model needs \[2\]\[2\]"):
         hf_turbo.apply_turbo(model, priorities=[[1.0] * 3] * 2)
@@ -287,17 +287,9 @@ def test_attention_fully_masked_rows_never_nan():
 
 
 def test_model_with_all_padding_row_is_finite():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-    )
+    cfg = _tiny_llama_config(pad_token_id=0)
     model = LlamaForCausalLM(cfg).eval()
     hf_turbo.apply_turbo(model)
     ids = torch.randint(1, 64, (2, 80))
