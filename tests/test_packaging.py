@@ -23,7 +23,7 @@ OUR_TOP_LEVEL = {"hf_turbo"}
 def _dist():
     """The installed distribution's metadata (site-packages), not the ``hf_turbo.egg-info`` build leftover that an
     editable install writes into the repo (found first when the repo root is on sys.path, as under ``python -m``)."""
-    paths = [p for p in sys.path if p and not Path(p).resolve().is_relative_to(ROOT)]
+    paths = [p for p in sys.path if p and Path(p).resolve() != ROOT]  # a venv inside the repo (CI) still counts
     for dist in md.distributions(name="hf-turbo", path=paths):
         return dist
     pytest.skip("the hf-turbo distribution is not installed (pip install -e .)")  # pragma: no cover
