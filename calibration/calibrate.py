@@ -12,14 +12,16 @@ Statistics (per layer ``l``, KV head ``h``, channel ``c``; ``N`` = every calibra
     priority = gap * std                                      (metric "gap_std"; "gap" and "std" for the ablation)
 
 The "mean" reduction instead averages each sample's own gap x std (what an online per-request choice sees, averaged).
-The cache sends the ``n_low`` lowest-priority heads of every layer to ``low_bits``; calibration only ranks.
+The cache sends the ``n_low`` lowest-priority heads of every layer (``int2_scope="layer"``) or of the whole model
+(``"model"``, which needs these calibrated priorities) to ``low_bits``; calibration only ranks.
 
 Where the result lives (both are read back automatically):
 
 * ``model.config.turbo_config`` — a dict of :class:`hf_turbo.TurboConfig` fields (``priorities`` ``[L][H_kv]``,
-  ``int2_fraction`` or ``int2_heads``, ``priority_source``) plus a ``"model"`` entry (fingerprint + calibration
-  metadata, ignored by TurboConfig). It is written to ``config.json`` by ``save_pretrained`` and comes back with
-  ``from_pretrained``; ``TurboQuantCache(model.config)`` then uses the priorities (no per-request online scoring).
+  ``int2_fraction`` or ``int2_heads``, ``int2_scope``, ``int2_normalize``, ``priority_source``) plus a ``"model"``
+  entry (fingerprint + calibration metadata, ignored by TurboConfig). It is written to ``config.json`` by
+  ``save_pretrained`` and comes back with ``from_pretrained``; ``TurboQuantCache(model.config)`` then uses the
+  priorities (no per-request online scoring).
 * a standalone JSON (:meth:`Calibration.save`) applied to a loaded model with :func:`apply_calibration`, which
   refuses a file calibrated for another model (layer / KV head / head_dim counts differ).
 """
@@ -263,7 +265,10 @@ class Calibration:
 
     Attributes:
         priorities: ``[L][H_kv]`` (higher = more sensitive, stays at ``bits``).
-        int2_fraction / int2_heads: how many heads per layer go to ``low_bits`` (None = leave the config's value).
+        int2_fraction / int2_heads: how many heads go to ``low_bits`` (None = leave the config's value): per layer,
+            or in total over the model with ``int2_scope="model"``.
+        int2_scope / int2_normalize: per-layer or model-wide choice, and the cross-layer normalisation of the
+            model-wide ranking (see :class:`hf_turbo.TurboConfig`).
         source, metric, reduce: how ``priorities`` were computed.
         model: fingerprint (:func:`model_fingerprint`).
         stats: every score (``k_gap_std``, ``v_gap_std``, ``k_gap``, ``k_std``, ... ``[L][H]``), for analysis.
@@ -274,25 +279,31 @@ class Calibration:
     model: dict[str, Any]
     int2_fraction: float | None = None
     int2_heads: int | None = None
+    int2_scope: str = "layer"
+    int2_normalize: str = "none"
     source: str = "k"
     metric: str = "gap_std"
     reduce: str = "range"
     stats: dict[str, list[list[float]]] = field(default_factory=dict, repr=False)
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self._selection()  # validates the head count, scope and normalisation
+
     # ---- selection
-    def num_low_heads(self) -> int:
+    def _selection(self, **fields: Any):
         from hf_turbo.config import TurboConfig
 
-        cfg = TurboConfig(int2_fraction=self.int2_fraction or 0.0, int2_heads=self.int2_heads)
-        return cfg.num_low_heads(self.model["num_key_value_heads"])
+        return TurboConfig(int2_fraction=self.int2_fraction or 0.0, int2_heads=self.int2_heads,
+                           int2_scope=self.int2_scope, int2_normalize=self.int2_normalize, **fields)
+
+    def num_low_heads(self) -> int:
+        """Low-bit heads per layer (``int2_scope="layer"``) or in total over the model (``"model"``)."""
+        return self._selection().num_low_heads(self.model["num_key_value_heads"], self.model["num_hidden_layers"])
 
     def head_bits(self, bits: int = 4, low_bits: int = 2) -> list[list[int]]:
-        """``[L][H]`` bit-width per head for this calibration's head count (what the cache will choose)."""
-        from hf_turbo.quant.priority import assign_head_bits
-
-        n = self.num_low_heads()
-        return [assign_head_bits(torch.tensor(p), n, bits, low_bits).tolist() for p in self.priorities]
+        """``[L][H]`` bit-width per head for this calibration's head count and scope (what the cache will choose)."""
+        return self._selection(bits=bits, low_bits=low_bits).head_bits(self.priorities)
 
     # ---- config entry
     def turbo_config_entry(self, base: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -304,6 +315,8 @@ class Calibration:
         elif self.int2_fraction is not None:
             entry["int2_fraction"] = float(self.int2_fraction)
             entry["int2_heads"] = None
+        entry["int2_scope"] = self.int2_scope
+        entry["int2_normalize"] = self.int2_normalize
         if self.source in ("k", "kv"):
             entry["priority_source"] = self.source
         entry["model"] = {**self.model, "calibration": {"source": self.source, "metric": self.metric,
@@ -342,11 +355,12 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
 
 
 def apply_calibration(model, calibration: Calibration | str | os.PathLike, *, int2_fraction: float | None = None,
-                      int2_heads: int | None = None):
+                      int2_heads: int | None = None, int2_scope: str | None = None,
+                      int2_normalize: str | None = None):
     """Store ``calibration`` in ``model.config.turbo_config`` (kept by save_pretrained); returns the model.
 
     Raises ValueError if it was made for a model with other layer / KV-head / head_dim counts. ``int2_fraction`` /
-    ``int2_heads`` override the head count stored in the file.
+    ``int2_heads`` override the head count stored in the file, ``int2_scope`` / ``int2_normalize`` its scope.
     """
     from hf_turbo.cache import check_priorities
 
@@ -355,6 +369,9 @@ def apply_calibration(model, calibration: Calibration | str | os.PathLike, *, in
     check_priorities(cal.priorities, _text_config(model.config))
     if int2_fraction is not None or int2_heads is not None:
         cal = Calibration(**{**asdict(cal), "int2_fraction": int2_fraction, "int2_heads": int2_heads})
+    scope = {k: v for k, v in (("int2_scope", int2_scope), ("int2_normalize", int2_normalize)) if v is not None}
+    if scope:
+        cal = Calibration(**{**asdict(cal), **scope})
     base = getattr(model.config, "turbo_config", None)
     if base is not None and not isinstance(base, dict):
         base = base.to_dict()
@@ -397,6 +414,8 @@ def calibrate(
     seq_len: int = 512,
     int2_fraction: float | None = 0.25,
     int2_heads: int | None = None,
+    int2_scope: str = "layer",
+    int2_normalize: str = "none",
     source: str = "k",
     metric: str = "gap_std",
     reduce: str = "range",
@@ -411,7 +430,8 @@ def calibrate(
     with none of them -> :class:`CalibrationTextError` saying how to pass text.
 
     Args:
-        int2_fraction / int2_heads: heads per layer for ``low_bits`` (recorded with the priorities).
+        int2_fraction / int2_heads: heads for ``low_bits``, per layer or (``int2_scope="model"``) in total over the
+            model; recorded with the priorities, like ``int2_scope`` and ``int2_normalize``.
         source: "k" (the paper's pseudo-code), "v", or "kv" (sum). The cache's ``priority_source`` only knows
             "k"/"kv"; "v" is for the ablation.
         metric: "gap_std" (the paper), "gap", "std".
@@ -425,7 +445,8 @@ def calibrate(
     else:
         desc = "token samples passed in"
     stats = collect_stats(model, samples, batch_size=batch_size, progress=progress)
-    cal = calibration_from_stats(model, stats, int2_fraction=int2_fraction, int2_heads=int2_heads, source=source,
+    cal = calibration_from_stats(model, stats, int2_fraction=int2_fraction, int2_heads=int2_heads,
+                                 int2_scope=int2_scope, int2_normalize=int2_normalize, source=source,
                                  metric=metric, reduce=reduce,
                                  meta={"text": desc, "num_samples": int(samples.shape[0]),
                                        "seq_len": int(samples.shape[1]), "tokens": int(stats.n_tokens)})
@@ -434,8 +455,9 @@ def calibrate(
     return cal
 
 
-def calibration_from_stats(model, stats: HeadStats, *, int2_fraction=0.25, int2_heads=None, source="k",
-                           metric="gap_std", reduce="range", meta=None) -> Calibration:
+def calibration_from_stats(model, stats: HeadStats, *, int2_fraction=0.25, int2_heads=None, int2_scope="layer",
+                           int2_normalize="none", source="k", metric="gap_std", reduce="range",
+                           meta=None) -> Calibration:
     """Build a :class:`Calibration` (priorities + every score for analysis) from collected statistics."""
     all_stats = {}
     for kv in ("k", "v"):
@@ -449,6 +471,8 @@ def calibration_from_stats(model, stats: HeadStats, *, int2_fraction=0.25, int2_
         model=model_fingerprint(model),
         int2_fraction=int2_fraction,
         int2_heads=int2_heads,
+        int2_scope=int2_scope,
+        int2_normalize=int2_normalize,
         source=source,
         metric=metric,
         reduce=reduce,

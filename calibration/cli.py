@@ -1,6 +1,7 @@
 """``hf-turbo calibrate``: rank KV heads by gap x std over calibration text and save the result with the model.
 
     hf-turbo calibrate --text-file botchan --int2-fraction 0.25 --output calib.json --save-model ./smollm2-turbo
+    hf-turbo calibrate --text-file botchan --int2-fraction 0.25 --int2-scope model   # 25% of all heads, model-wide
     python -m hf_turbo.calibration --text-file my_corpus.jsonl --num-samples 64 --seq-len 1024
 
 Text: ``--text-file PATH`` (.txt, or .jsonl with a "text" field), ``--text-file lee`` / ``botchan`` (offline corpora
@@ -18,6 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from hf_turbo.config import VALID_INT2_NORMALIZE, VALID_INT2_SCOPE
+
 from .calibrate import METRICS, REDUCTIONS, SOURCES, CalibrationTextError, calibrate, model_fingerprint
 
 
@@ -32,8 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--int2-fraction", type=float, default=None,
-                       help="fraction of KV heads per layer stored at 2 bits (default 0.25)")
-    group.add_argument("--int2-heads", type=int, default=None, help="number of 2-bit KV heads per layer instead")
+                       help="fraction of KV heads stored at 2 bits, per layer or of the model (--int2-scope; "
+                            "default 0.25)")
+    group.add_argument("--int2-heads", type=int, default=None,
+                       help="number of 2-bit KV heads instead: per layer, or in total with --int2-scope model")
+    parser.add_argument("--int2-scope", choices=VALID_INT2_SCOPE, default="layer",
+                        help="layer: the lowest-priority heads of every layer (default); model: of all layers at "
+                             "once (the count per layer varies)")
+    parser.add_argument("--int2-normalize", choices=VALID_INT2_NORMALIZE, default="none",
+                        help="with --int2-scope model: none (raw gap x std) or layer_mean (priorities divided by "
+                             "their layer's mean before ranking)")
     parser.add_argument("--source", choices=SOURCES, default="k", help="score keys, values, or both (default k)")
     parser.add_argument("--metric", choices=METRICS, default="gap_std", help="priority metric (default gap_std)")
     parser.add_argument("--reduce", choices=REDUCTIONS, default="range",
@@ -70,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     fraction = args.int2_fraction if args.int2_fraction is not None or args.int2_heads is not None else 0.25
     try:
         cal = calibrate(model, tok, texts=all_docs(), num_samples=args.num_samples, seq_len=args.seq_len,
-                        int2_fraction=fraction, int2_heads=args.int2_heads, source=args.source, metric=args.metric,
+                        int2_fraction=fraction, int2_heads=args.int2_heads, int2_scope=args.int2_scope,
+                        int2_normalize=args.int2_normalize, source=args.source, metric=args.metric,
                         reduce=args.reduce, batch_size=args.batch_size, seed=args.seed)
     except CalibrationTextError as exc:
         print(f"hf-turbo calibrate: {exc}", file=sys.stderr)
@@ -81,8 +93,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output or f"calibration_{name}.json")
     cal.save(out)
     fp = model_fingerprint(model)
+    if cal.int2_scope == "model":
+        per_layer = [row.count(2) for row in cal.head_bits(4, 2)]
+        where = f"over the model ({', '.join(map(str, per_layer))} per layer)"
+    else:
+        where = "per layer"
     print(f"calibrated {fp['num_hidden_layers']} layers x {fp['num_key_value_heads']} KV heads on "
-          f"{cal.meta['tokens']} tokens ({cal.meta['text']}); {cal.num_low_heads()} low-bit head(s) per layer")
+          f"{cal.meta['tokens']} tokens ({cal.meta['text']}); {cal.num_low_heads()} low-bit head(s) {where}")
     print(f"wrote {out}")
     if args.save_model:
         model.save_pretrained(args.save_model)

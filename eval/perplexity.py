@@ -91,6 +91,8 @@ SETTINGS: dict[str, Setting] = {
         _t("turbo-4bit-exp2", "turbo 4-bit KV, SAS off (exp2), INT8 P", bits=4, **{**PAPER, "exp": "exp2"}),
         _t("turbo-4bit-pvfp16", "turbo 4-bit KV, SAS, FP16 P", bits=4, **{**PAPER, "pv": "fp16"}),
         _t("turbo-4bit-default", "turbo 4-bit KV, exp2, FP16 P (default preset)", bits=4, **DEFAULT),
+        _t("turbo-4bit-default-ksmooth", "turbo 4-bit KV, exp2, FP16 P, K smoothing", bits=4, k_smooth=True,
+           **DEFAULT),
         _t("turbo-4bit-nr4", "turbo 4-bit KV, SAS n_r=4", bits=4, n_r=4.0, **PAPER),
         _t("turbo-4bit-nr5", "turbo 4-bit KV, SAS n_r=5", bits=4, n_r=5.0, **PAPER),
         _t("turbo-4bit-nr8", "turbo 4-bit KV, SAS n_r=8", bits=4, n_r=8.0, **PAPER),
@@ -100,6 +102,19 @@ SETTINGS: dict[str, Setting] = {
            priorities="calibrated", **PAPER),
         _t("turbo-mixed1-calib-default", "turbo 2/4 mixed, 1 INT2 head/layer, calibrated, exp2 + FP16 P",
            int2_heads=1, priorities="calibrated", **DEFAULT),
+        _t("turbo-mixed1-calib-default-ksmooth",
+           "turbo 2/4 mixed, 1 INT2 head/layer, calibrated, exp2 + FP16 P, K smoothing", int2_heads=1,
+           priorities="calibrated", k_smooth=True, **DEFAULT),
+        _t("turbo-mixed-model25-calib-default", "turbo 2/4 mixed, 25% of all heads INT2 ranked model-wide, "
+           "calibrated, exp2 + FP16 P", int2_fraction=0.25, int2_scope="model", priorities="calibrated", **DEFAULT),
+        _t("turbo-mixed-model33-calib-default", "turbo 2/4 mixed, 1/3 of all heads INT2 ranked model-wide, "
+           "calibrated, exp2 + FP16 P", int2_fraction=1 / 3, int2_scope="model", priorities="calibrated", **DEFAULT),
+        _t("turbo-mixed-model25-norm-calib-default", "turbo 2/4 mixed, 25% of all heads INT2 ranked model-wide "
+           "(priority / layer mean), calibrated, exp2 + FP16 P", int2_fraction=0.25, int2_scope="model",
+           int2_normalize="layer_mean", priorities="calibrated", **DEFAULT),
+        _t("turbo-mixed-model33-norm-calib-default", "turbo 2/4 mixed, 1/3 of all heads INT2 ranked model-wide "
+           "(priority / layer mean), calibrated, exp2 + FP16 P", int2_fraction=1 / 3, int2_scope="model",
+           int2_normalize="layer_mean", priorities="calibrated", **DEFAULT),
         _t("turbo-mixed2-online", "turbo 2/4 mixed, 2 INT2 heads/layer, online", int2_heads=2, **PAPER),
         _t("turbo-mixed2-calib", "turbo 2/4 mixed, 2 INT2 heads/layer, calibrated", int2_heads=2,
            priorities="calibrated", **PAPER),
@@ -108,8 +123,13 @@ SETTINGS: dict[str, Setting] = {
         _t("turbo-mixed-frac50", "turbo mixed, int2_fraction=0.5", int2_fraction=0.5, **PAPER),
         Setting("cache4-sdpa", "turbo_cache_sdpa", turbo={"bits": 4},
                 label="TurboQuantCache 4-bit read by exact SDPA (cache error only)"),
+        Setting("cache4-sdpa-ksmooth", "turbo_cache_sdpa", turbo={"bits": 4, "k_smooth": True},
+                label="TurboQuantCache 4-bit, K smoothing, read by exact SDPA"),
         Setting("cache-mixed1-calib-sdpa", "turbo_cache_sdpa", turbo={"int2_heads": 1, "priorities": "calibrated"},
                 label="TurboQuantCache mixed 1 INT2/layer calibrated, read by SDPA"),
+        Setting("cache-mixed1-calib-sdpa-ksmooth", "turbo_cache_sdpa",
+                turbo={"int2_heads": 1, "priorities": "calibrated", "k_smooth": True},
+                label="TurboQuantCache mixed 1 INT2/layer calibrated, K smoothing, read by SDPA"),
         Setting("cache2-sdpa", "turbo_cache_sdpa", turbo={"bits": 2},
                 label="TurboQuantCache 2-bit read by exact SDPA (cache error only)"),
         Setting("kivi-4-g32", "kivi", kivi={"nbits": 4, "group_size": 32}, label="KIVI 4-bit g32 r128"),
@@ -128,10 +148,14 @@ SUITES: dict[str, list[str]] = {
     "ci": ["fp", "turbo-prefill", "turbo-4bit", "turbo-mixed1-online", "kivi-4-g64"],
     "full": [
         "fp", "turbo-prefill", "turbo-prefill-exp2", "turbo-prefill-default", "turbo-int8", "turbo-4bit",
-        "turbo-4bit-exp2", "turbo-4bit-pvfp16", "turbo-4bit-default", "turbo-4bit-nr4", "turbo-4bit-nr5",
+        "turbo-4bit-exp2", "turbo-4bit-pvfp16", "turbo-4bit-default", "turbo-4bit-default-ksmooth",
+        "turbo-4bit-nr4", "turbo-4bit-nr5",
         "turbo-4bit-nr8", "turbo-4bit-nr8-pvfp16", "turbo-mixed1-online", "turbo-mixed1-calib",
-        "turbo-mixed1-calib-default", "turbo-mixed2-online", "turbo-mixed2-calib", "turbo-2bit", "cache4-sdpa",
-        "cache-mixed1-calib-sdpa", "cache2-sdpa", "kivi-4-g32", "kivi-4-g64", "kivi-3-g64", "kivi-2-g32",
+        "turbo-mixed1-calib-default", "turbo-mixed1-calib-default-ksmooth",
+        "turbo-mixed-model25-calib-default", "turbo-mixed-model33-calib-default",
+        "turbo-mixed-model25-norm-calib-default", "turbo-mixed-model33-norm-calib-default",
+        "turbo-mixed2-online", "turbo-mixed2-calib", "turbo-2bit", "cache4-sdpa",
+        "cache4-sdpa-ksmooth", "cache-mixed1-calib-sdpa", "cache-mixed1-calib-sdpa-ksmooth", "cache2-sdpa", "kivi-4-g32", "kivi-4-g64", "kivi-3-g64", "kivi-2-g32",
         "kivi-2-g64", "quanto-4", "quanto-2", "sdpa-chunked",
     ],
 }
@@ -302,7 +326,7 @@ def evaluate(
     The "fp" reference is always computed (and reported first). ``priorities`` (``[L][H_kv]``) feed settings with
     ``priorities="calibrated"``. Returns one row per setting: ``setting, label, kind, kv_bits, ppl,
     ppl_delta_pct`` (vs fp), ``top1_agree, kl, tokens, windows, seconds``, and for TurboQuantCache
-    ``compression`` and ``int2_heads_per_layer``.
+    ``compression``, ``int2_heads_per_layer`` (the mean over layers when chosen model-wide) and ``int2_heads_total``.
     """
     from tqdm.auto import tqdm
 
@@ -360,7 +384,15 @@ def evaluate(
         if s.kind in ("turbo_cache", "turbo_cache_sdpa"):
             cfg = s.turbo_config(priorities)
             h = model.config.get_text_config(decoder=True).num_key_value_heads
-            row["int2_heads_per_layer"] = cfg.num_low_heads(h) if cfg.bits != cfg.low_bits else h
+            layers = model.config.get_text_config(decoder=True).num_hidden_layers
+            if cfg.bits == cfg.low_bits:
+                per_layer = [h] * layers
+            elif cfg.int2_scope == "model" and cfg.priorities is not None:
+                per_layer = [row.count(cfg.low_bits) for row in cfg.head_bits(cfg.priorities)]
+            else:
+                per_layer = [cfg.num_low_heads(h)] * layers
+            row["int2_heads_per_layer"] = per_layer[0] if len(set(per_layer)) == 1 else sum(per_layer) / layers
+            row["int2_heads_total"] = sum(per_layer)
             row["compression"] = sum(a.ratio) / len(a.ratio) if a.ratio else float("nan")
             row["config"] = {k: v for k, v in cfg.to_dict().items() if k != "priorities"}
             row["priorities"] = "calibrated" if s.turbo.get("priorities") == "calibrated" else "online"

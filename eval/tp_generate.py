@@ -87,7 +87,8 @@ def run(args) -> dict:
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "methods": {}}
     for method in ("sdpa", "turbo"):
         model.set_attn_implementation("turbo" if method == "turbo" else "sdpa")
-        make = (lambda: TurboQuantCache(model.config, int2_fraction=args.int2_fraction, quantize=not args.no_quant)) \
+        make = (lambda: TurboQuantCache(model.config, int2_fraction=args.int2_fraction, quantize=not args.no_quant,
+                                        k_smooth=args.k_smooth)) \
             if method == "turbo" else (lambda: DynamicCache(config=model.config))
         with torch.inference_mode():
             cache = make()
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--int2-fraction", type=float, default=0.25)
     ap.add_argument("--no-quant", action="store_true", help="TurboQuantCache(quantize=False): plumbing check")
+    ap.add_argument("--k-smooth", action="store_true", help="TurboQuantCache(k_smooth=True)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-logits", action="store_true")
     ap.add_argument("--work-dir", default="/tmp/hf_turbo_tp")

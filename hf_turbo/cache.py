@@ -20,6 +20,11 @@ to the tensors it returns (``key.turbo_layer``). When the model runs ``attn_impl
 the model config) those tensors are zero-stride placeholders of the right shape and the "turbo" function reads the
 compressed state; for any other attention they are the real K/V of the step (:meth:`TurboLayer.step_kv`: blocks
 compressed before the step, dequantized, then the FP16 tail), so SDPA or eager stay correct and see what "turbo" sees.
+
+K smoothing (``TurboConfig.k_smooth``): the layer keeps ``k_mean`` (mu, ``[B, H, 1, D]``, the channel mean of the first
+keys it was given) and stores ``k - mu`` everywhere (pools, buffer, this step's tail), which the turbo attention reads
+as is: exact, since q.(k - mu) = q.k - q.mu is a constant per query row. mu is added back in :meth:`TurboLayer.step_kv`
+and :meth:`TurboLayer.dequantized`, so other readers and tools see the original keys.
 """
 
 from __future__ import annotations
@@ -45,6 +50,12 @@ from .quant.bpq import (
 from .quant.priority import assign_head_bits, head_priority
 
 _FIELDS = ("codes", "scale", "s2", "zero")
+MODEL_SCOPE_NEEDS_PRIORITIES = (
+    'TurboConfig.int2_scope="model" ranks the KV heads of all layers at once and needs calibrated priorities for '
+    "every layer up front (TurboConfig.priorities, model.config.turbo_config from `hf-turbo calibrate`, or "
+    "apply_calibration): online priorities are computed layer by layer at prefill and cannot be ranked model-wide. "
+    'Calibrate first, or use int2_scope="layer"'
+)
 
 
 def validate_kv(name: str, x: torch.Tensor, *, check_finite: bool = True) -> None:
@@ -75,12 +86,16 @@ class TurboLayer(DynamicLayer):
         turbo: TurboConfig | None = None,
         priorities: list[float] | None = None,
         global_heads: int | None = None,
+        assigned_bits: list[int] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.turbo = turbo if turbo is not None else TurboConfig()
         self.priorities = priorities
         self.global_heads = global_heads  # the model's KV heads per layer (differs from ours under tensor parallelism)
+        # bit-width of each of the model's KV heads of this layer, chosen model-wide by TurboQuantCache
+        # (int2_scope="model"); None = choose here from this layer's priorities
+        self.assigned_bits = assigned_bits
         self._clear()
 
     # ------------------------------------------------------------------ state
@@ -93,9 +108,11 @@ class TurboLayer(DynamicLayer):
         self.pools: dict[int, dict[str, torch.Tensor]] = {}
         self.buffer_k: torch.Tensor | None = None
         self.buffer_v: torch.Tensor | None = None
+        self._zero: torch.Tensor | None = None  # 0-d zero behind the placeholder keys/values
         self._tail_k: torch.Tensor | None = None  # FP16 tokens from block `blocks_before` on, for this step
         self._tail_v: torch.Tensor | None = None
         self.blocks_before = 0
+        self.k_mean: torch.Tensor | None = None  # K smoothing: mu [B, H, 1, D] subtracted from every stored key
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -105,17 +122,32 @@ class TurboLayer(DynamicLayer):
             self._choose_head_bits(key_states, value_states)
             self.buffer_k = key_states[:, :, :0].clone()
             self.buffer_v = value_states[:, :, :0].clone()
+            if self.turbo.k_smooth:
+                # mu = mean over the first update's tokens (left padding included). Any fixed mu keeps attention
+                # exact (a constant shift of each query row's scores); its value only decides how well the shifted
+                # keys quantize, and a few padding rows barely move a channel's constant offset.
+                self.k_mean = key_states.float().mean(dim=-2, keepdim=True).to(key_states.dtype)
 
     def _choose_head_bits(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Bit-width per local KV head: calibrated priorities if given, else gap x std of this prefill (online).
 
         Under tensor parallelism (this layer holds ``H / world`` of the model's ``H`` KV heads) the assignment is
         made over all ``H`` heads — calibrated priorities are global, online ones are all-gathered — and then
-        sliced, so a sharded model stores each head exactly as the unsharded one does."""
+        sliced, so a sharded model stores each head exactly as the unsharded one does. With
+        ``int2_scope="model"`` the bits were chosen over all layers by :class:`TurboQuantCache` (``assigned_bits``)
+        and are only sliced here."""
         t = self.turbo
         h = self.num_heads
         rank, world = tensor_parallel_shard(h, self.global_heads)
         h_all = h * world
+        if self.assigned_bits is not None:
+            bits = torch.as_tensor(self.assigned_bits, dtype=torch.int64)
+            if bits.numel() != h_all:
+                raise ValueError(f"assigned bits for this layer cover {bits.numel()} heads but the model has {h_all}")
+            self._set_head_bits(bits[rank * h : (rank + 1) * h])
+            return
+        if t.int2_scope == "model" and _wants_low_heads(t):
+            raise ValueError(MODEL_SCOPE_NEEDS_PRIORITIES)
         n_low = t.num_low_heads(h_all)
         if self.priorities is not None:
             pr = torch.as_tensor(self.priorities, dtype=torch.float32)
@@ -131,7 +163,10 @@ class TurboLayer(DynamicLayer):
                 pr = torch.cat(parts)
         else:
             pr = torch.zeros(h_all)
-        self.head_bits = assign_head_bits(pr.cpu(), n_low, t.bits, t.low_bits)[rank * h : (rank + 1) * h]
+        self._set_head_bits(assign_head_bits(pr.cpu(), n_low, t.bits, t.low_bits)[rank * h : (rank + 1) * h])
+
+    def _set_head_bits(self, head_bits: torch.Tensor) -> None:
+        self.head_bits = head_bits
         self.groups = {
             b: torch.nonzero(self.head_bits == b).flatten().to(self.device)
             for b in sorted(set(self.head_bits.tolist()), reverse=True)
@@ -200,7 +235,7 @@ class TurboLayer(DynamicLayer):
         axis = self.turbo.k_axis if kv == "k" else self.turbo.v_axis
         x8 = torch.zeros(self.batch, self.num_heads, n, bs, d, dtype=torch.int8, device=self.device)
         scale = torch.zeros(self.batch, self.num_heads, n, dtype=torch.float32, device=self.device)
-        for b, idx in self.groups.items():
+        for b, idx in self.groups.items() if n else ():  # no pools exist before the first flush
             pool = self.pools[b]
             codes = unpack_bits(pool[f"{kv}_codes"][:, :, :n], b)
             x8[:, idx] = rebuild_stage2(codes, pool[f"{kv}_s2"][:, :, :n], pool[f"{kv}_zero"][:, :, :n], axis)
@@ -211,11 +246,19 @@ class TurboLayer(DynamicLayer):
         """All cached tokens as ``[B, H, S, D]`` in the model's dtype (compressed blocks dequantized + buffer)."""
         if not self.turbo.quantize:
             return self.keys, self.values
+        return self._read(self.n_blocks, self.buffer_k, self.buffer_v, original=True)
+
+    def _read(self, n_blocks: int, tail_k: torch.Tensor, tail_v: torch.Tensor, *, original: bool):
+        """Blocks ``[0, n_blocks)`` dequantized, then ``tail_k, tail_v``, as ``[B, H, S, D]`` in the model's dtype.
+        ``original``: add the K-smoothing mean back (the keys as given); else the stored form ``k - mu``."""
         out = []
-        for kv, buf in (("k", self.buffer_k), ("v", self.buffer_v)):
-            x8, scale = self.rebuild_int8(kv)
-            deq = dequantize_int8(x8, scale, self.turbo.block_size).to(self.dtype)
-            out.append(torch.cat([deq, buf], dim=-2))
+        for kv, tail in (("k", tail_k), ("v", tail_v)):
+            x8, scale = self.rebuild_int8(kv, n_blocks)
+            deq = dequantize_int8(x8, scale, self.turbo.block_size)
+            if original and kv == "k" and self.k_mean is not None:
+                out.append((torch.cat([deq, tail.float()], dim=-2) + self.k_mean.float()).to(self.dtype))
+            else:
+                out.append(torch.cat([deq.to(self.dtype), tail], dim=-2))
         return out[0], out[1]
 
     # ------------------------------------------------------------------ the transformers API
@@ -253,6 +296,8 @@ class TurboLayer(DynamicLayer):
             keys.turbo_layer = self
             return keys, values
 
+        if self.k_mean is not None:  # K smoothing: everything below (pools, buffer, tail) holds k - mu
+            key_states = key_states - self.k_mean
         self.blocks_before = self.n_blocks
         tail_k = torch.cat([self.buffer_k, key_states], dim=-2)
         tail_v = torch.cat([self.buffer_v, value_states], dim=-2)
@@ -260,14 +305,20 @@ class TurboLayer(DynamicLayer):
         n_full = tail_k.shape[-2] // bs
         if n_full:
             self._compress(tail_k[:, :, : n_full * bs], tail_v[:, :, : n_full * bs])
-        self.buffer_k = tail_k[:, :, n_full * bs :].clone()
-        self.buffer_v = tail_v[:, :, n_full * bs :].clone()
+            # copy the remainder: a view would keep the whole (possibly long) tail alive
+            self.buffer_k = tail_k[:, :, n_full * bs :].clone()
+            self.buffer_v = tail_v[:, :, n_full * bs :].clone()
+        else:  # the tail is a fresh tensor of exactly the buffer's tokens: no copy (a decode step's common case)
+            self.buffer_k, self.buffer_v = tail_k, tail_v
         self._tail_k, self._tail_v = tail_k, tail_v
 
         if turbo_reader:
+            # placeholders with the right shape and no memory: a cached 0-d zero expanded (no launch per step)
             shape = (self.batch, self.num_heads, self.cumulative_length, self.head_dim)
-            keys = key_states.new_zeros(()).expand(shape)
-            values = value_states.new_zeros(()).expand(shape)
+            zero = self._zero
+            if zero is None or zero.dtype != key_states.dtype or zero.device != key_states.device:
+                zero = self._zero = key_states.new_zeros(())
+            keys, values = zero.expand(shape), zero.expand(shape)
         else:
             keys, values = self.step_kv()
         keys.turbo_layer = self
@@ -277,13 +328,8 @@ class TurboLayer(DynamicLayer):
         """What a non-turbo attention reads this step, ``[B, H, S, D]`` in the model's dtype: the blocks compressed
         before this step, dequantized, then the FP16 tail (old buffer + new tokens). The same state the turbo
         attention reads: tokens flushed by this very step are attended in full precision once (like the turbo
-        prefill), not through their just-made 4-bit codes."""
-        out = []
-        for kv, tail in (("k", self._tail_k), ("v", self._tail_v)):
-            x8, scale = self.rebuild_int8(kv, self.blocks_before)
-            deq = dequantize_int8(x8, scale, self.turbo.block_size).to(self.dtype)
-            out.append(torch.cat([deq, tail], dim=-2))
-        return out[0], out[1]
+        prefill), not through their just-made 4-bit codes. Under K smoothing mu is added back to the keys."""
+        return self._read(self.blocks_before, self._tail_k, self._tail_v, original=True)
 
     def release_step(self) -> None:
         """Drop this step's FP16 tail once attention has read it (the buffer keeps the unflushed part), so that a
@@ -343,6 +389,8 @@ class TurboLayer(DynamicLayer):
         self.buffer_k, self.buffer_v = fn(self.buffer_k), fn(self.buffer_v)
         if self._tail_k is not None:
             self._tail_k, self._tail_v = fn(self._tail_k), fn(self._tail_v)
+        if self.k_mean is not None:
+            self.k_mean = fn(self.k_mean)
         self.batch = self.buffer_k.shape[0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -375,7 +423,7 @@ class TurboLayer(DynamicLayer):
             self.buffer_k, self.buffer_v = self.buffer_k[:, :, :keep].clone(), self.buffer_v[:, :, :keep].clone()
         else:
             keep_blocks, partial = divmod(target, bs)
-            k, v = self.dequantized()
+            k, v = self._read(self.n_blocks, self.buffer_k, self.buffer_v, original=False)  # stored (k - mu) form
             self.buffer_k = k[:, :, keep_blocks * bs : target].clone()
             self.buffer_v = v[:, :, keep_blocks * bs : target].clone()
             self.n_blocks = keep_blocks
@@ -385,16 +433,20 @@ class TurboLayer(DynamicLayer):
 
     # ------------------------------------------------------------------ memory
     def nbytes(self) -> int:
-        """Bytes held for this layer's tokens: used pool blocks, scales and zero points, and the FP16 buffer."""
+        """Bytes held for this layer's tokens: used pool blocks, scales and zero points, the FP16 buffer and (K
+        smoothing) the mean ``k_mean``."""
         if not self.is_initialized:
             return 0
         if not self.turbo.quantize:
             return self.keys.nbytes + self.values.nbytes
-        total = self.buffer_k.nbytes + self.buffer_v.nbytes
+        total = self.buffer_k.nbytes + self.buffer_v.nbytes + self._k_mean_nbytes()
         for pool in self.pools.values():
             for tensor in pool.values():
                 total += tensor[:, :, : self.n_blocks].nbytes
         return total
+
+    def _k_mean_nbytes(self) -> int:
+        return self.k_mean.nbytes if self.k_mean is not None else 0
 
     def allocated_nbytes(self) -> int:
         """Bytes allocated (pool capacity included)."""
@@ -402,7 +454,7 @@ class TurboLayer(DynamicLayer):
             return 0
         if not self.turbo.quantize:
             return self.nbytes()
-        total = self.buffer_k.nbytes + self.buffer_v.nbytes
+        total = self.buffer_k.nbytes + self.buffer_v.nbytes + self._k_mean_nbytes()
         return total + sum(t.nbytes for pool in self.pools.values() for t in pool.values())
 
     def fp16_nbytes(self) -> int:
@@ -410,6 +462,12 @@ class TurboLayer(DynamicLayer):
         if not self.is_initialized:
             return 0
         return 2 * self.batch * self.num_heads * self.cumulative_length * self.head_dim * 2
+
+
+def _wants_low_heads(t: TurboConfig) -> bool:
+    """True when ``t`` sends some heads to a lower bit-width (so the heads must be ranked)."""
+    count = t.int2_heads if t.int2_heads is not None else t.int2_fraction
+    return t.bits != t.low_bits and count > 0
 
 
 def tensor_parallel_shard(local_heads: int, global_heads: int | None) -> tuple[int, int]:
@@ -487,14 +545,22 @@ class TurboQuantCache(Cache):
         self.turbo = resolve_turbo_config(config, turbo, **overrides)
         self.model_config = config
         text = _text_config(config)
+        model_scope = self.turbo.quantize and self.turbo.int2_scope == "model" and _wants_low_heads(self.turbo)
+        if model_scope and self.turbo.priorities is None:
+            raise ValueError(MODEL_SCOPE_NEEDS_PRIORITIES)
         if text is not None:
             pr = self.turbo.priorities
             heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+            # int2_scope="model": the INT2 heads are chosen over all layers here; each layer gets its row
+            assigned = self.turbo.head_bits(pr) if model_scope else None
             layers = [
-                TurboLayer(self.turbo, priorities=None if pr is None else pr[i], global_heads=heads)
+                TurboLayer(self.turbo, priorities=None if pr is None else pr[i], global_heads=heads,
+                           assigned_bits=None if assigned is None else assigned[i])
                 for i in range(text.num_hidden_layers)
             ]
             super().__init__(layers=layers)
+        elif model_scope:
+            raise ValueError('TurboConfig.int2_scope="model" needs the model config (TurboQuantCache(model.config))')
         else:
             super().__init__(layer_class_to_replicate=functools.partial(TurboLayer, self.turbo))
 
@@ -519,12 +585,17 @@ class TurboQuantCache(Cache):
         return self.fp16_nbytes() / own if own else float("nan")
 
     def memory_report(self) -> dict[str, Any]:
-        """A dict for reports: tokens, bytes, FP16 bytes, ratio, allocated bytes, head bit-widths per layer."""
+        """A dict for reports: tokens, bytes, FP16 bytes, ratio, allocated bytes, head bit-widths per layer, the INT2
+        scope and the number of low-bit heads per layer (this process's heads under tensor parallelism)."""
+        head_bits = [None if layer.head_bits is None else layer.head_bits.tolist() for layer in self.layers]
+        low = self.turbo.low_bits if self.turbo.bits != self.turbo.low_bits else None
         return {
             "tokens": self.get_seq_length(),
             "kv_bytes": self.nbytes(),
             "kv_bytes_allocated": sum(layer.allocated_nbytes() for layer in self.layers),
             "fp16_bytes": self.fp16_nbytes(),
             "compression_ratio": self.compression_ratio(),
-            "head_bits": [None if layer.head_bits is None else layer.head_bits.tolist() for layer in self.layers],
+            "head_bits": head_bits,
+            "int2_scope": self.turbo.int2_scope,
+            "low_bit_heads_per_layer": [None if b is None else sum(x == low for x in b) for b in head_bits],
         }

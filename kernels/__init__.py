@@ -50,8 +50,9 @@ def unavailable_reason(device, allow_interpreter: bool = False) -> str | None:
     return f"no Triton kernels for device {device} (CUDA only; CPU only interpreted, for tests)"
 
 
-def attend_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=None, split=None):
-    """Attention of ``query [B, Hq, Sq, D]`` over a :class:`~hf_turbo.cache.TurboLayer`'s state for this step."""
+def attend_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=None, split=None, **decode_tuning):
+    """Attention of ``query [B, Hq, Sq, D]`` over a :class:`~hf_turbo.cache.TurboLayer`'s state for this step.
+    ``decode_tuning``: launch options of :func:`.decode.decode_layer` (benchmarks)."""
     from .decode import decode_layer, use_decode
     from .prefill import check_supported, launch_prefill, quantize_kv_segment
 
@@ -60,13 +61,13 @@ def attend_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=Non
     bs = turbo.block_size
     bsz, hq, sq, d = query.shape
     g = hq // layer.num_heads
+    if use_decode(sq, g, split):
+        return decode_layer(query, layer, sm_scale=sm_scale, causal=causal, pad=pad, sliding_window=sliding_window,
+                            split=split, **decode_tuning)
     seg = None
     if layer._tail_k is not None and layer._tail_k.shape[-2] > 0:
         seg = quantize_kv_segment(layer._tail_k, layer._tail_v, turbo)
         seg["start"] = layer.blocks_before * bs
-    if use_decode(sq, g, split):
-        return decode_layer(query, layer, seg, sm_scale=sm_scale, causal=causal, pad=pad,
-                            sliding_window=sliding_window, split=split)
     out = torch.empty_like(query)
     for bits, idx in layer.groups.items():
         if idx.numel() == 0:

@@ -6,12 +6,17 @@
   ``Sq`` query rows are packed into the MMA's M dimension (rows ``r = g * Sq + i``, padded to >= 16), so each K/V
   tile is read once per KV head, not once per query head;
 * K/V are read packed (INT4/INT2/INT8 codes + integer ``s2``/``zero``), unpacked and rebuilt to INT8 in registers;
-  the FP16 tail comes as INT8 (stage-1 per block, :func:`quantize_pack.stage1`), as the reference quantizes it;
+  the next tile's packed reads are issued before this tile is computed (software prefetch);
+* the FP16 tail (old buffer + this step's tokens) is read as FP16 and quantized to INT8 per block in registers with
+  the stage-1 helpers of :mod:`.quantize_pack`, as the reference quantizes it (same codes and scales);
 * the context (compressed tiles then tail tiles, in position order) is split over ``split`` programs; each writes its
   unnormalized ``acc``, running max ``m`` and sum ``l``; :func:`_merge_kernel` combines them by log-sum-exp.
 * ragged batches: left padding ``pad[B]`` masks the first keys of each row.
 
-Q is stage-1 INT8 per (head, ``block_m`` rows) like the reference (one row for Sq = 1).
+Q is read in its own dtype and quantized in the kernel, stage-1 INT8 per (head, ``block_m`` rows) like the reference
+(one row for Sq = 1). Per step and layer that is one decode launch per bit-width pool plus the merge: no separate
+quantization launches. Step-varying integers (context length, tail length, splits) are not specialized by Triton, so
+generation does not recompile as the context grows.
 
 Split semantics: SAS and P·127 are evaluated relative to the running max a split has seen, so a split run is a
 (equally accurate) reordering of the reference's sequential tile walk; with ``split=1`` the tile walk, and so the
@@ -20,34 +25,50 @@ result, is the reference's to within FP32/FP16 rounding.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2
-from ._tiles import load_packed_tile, online_update, prep_v, scores_int8
+from ._common import next_pow2, stage1_codes, stage1_inv, stage1_scale
+from ._launch import CachedLauncher
+from ._tiles import load_packed_raw, online_update, prep_v, rebuild_packed, scores_int8
 from .prefill import LOG2E, PV_MODES, exp_constants
 
 
 @triton.jit
+def _load_comp_tile(kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, bh, CAP, ti, d, D,
+                    BS: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr,
+                    K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr):
+    """Every HBM read of compressed tile ``ti`` of pool row ``bh`` (packed K and V, their s2/zero and stage-1
+    scales): ``(k codes, k s2, k zero, k scale, v codes, v s2, v zero, v scale)``."""
+    TPB: tl.constexpr = BS // BLOCK_N
+    slot = bh * CAP + ti // TPB
+    r0 = (ti % TPB) * BLOCK_N
+    kc, ks2, kz = load_packed_raw(kc_ptr, ks2_ptr, kz_ptr, slot, r0, d, D, BS, BLOCK_N, BITS, K_CHANNEL)
+    vc, vs2, vz = load_packed_raw(vc_ptr, vs2_ptr, vz_ptr, slot, r0, d, D, BS, BLOCK_N, BITS, V_CHANNEL)
+    return kc, ks2, kz, tl.load(ks_ptr + slot), vc, vs2, vz, tl.load(vs_ptr + slot)
+
+
+@triton.jit(do_not_specialize=["NSPLIT", "CAP", "n_comp", "T_seg", "seg_start", "q_start"])
 def _decode_kernel(
-    q8_ptr, qs_ptr, NQB, Hq,
+    q_ptr, sqb, sqh, sqs, sqd, q_mult, Hq,
     acc_ptr, m_ptr, l_ptr, NSPLIT,
     hmap_ptr, pad_ptr,
     kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, HB, CAP, n_comp,
-    k8_ptr, k8s_ptr, v8_ptr, v8s_ptr, HKV, T_seg, NBLK_seg, seg_start,
+    tk_ptr, stkb, stkh, stkt, stkd, tv_ptr, stvb, stvh, stvt, stvd, T_seg, seg_start,
     Sq, q_start, D, window,
     G: tl.constexpr, QB: tl.constexpr, BS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, TPS_HINT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
     BITS: tl.constexpr, K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr,
-    HAS_COMP: tl.constexpr, HAS_SEG: tl.constexpr, V_TRANS: tl.constexpr,
+    HAS_COMP: tl.constexpr, HAS_SEG: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr,
     EXP_MODE: tl.constexpr, PV_MODE: tl.constexpr, N_R: tl.constexpr, Y_R: tl.constexpr,
     L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr, L4: tl.constexpr,
     L5: tl.constexpr, L6: tl.constexpr, L7: tl.constexpr, L8: tl.constexpr,
-    SKIP_EMPTY: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr, PREFETCH: tl.constexpr, FOLD_V: tl.constexpr,
 ):
     sp = tl.program_id(0)
     pid = tl.program_id(1)
@@ -62,18 +83,25 @@ def _decode_kernel(
     d = tl.arange(0, DP)
     dm = d < D
     row = (b * Hq + hq) * Sq + i  # row index into [B, Hq, Sq]
-    q8 = tl.load(q8_ptr + row[:, None] * D + d[None, :], mask=rvalid[:, None] & dm[None, :], other=0)
-    qs = tl.load(qs_ptr + (b * Hq + hq) * NQB + i // QB, mask=rvalid, other=0.0)
+    # Q stage 1 in registers: one INT8 scale per (query head, QB query rows), as quantize_pack.stage1 computes it
+    qf = tl.load(q_ptr + b * sqb + hq[:, None] * sqh + i[:, None] * sqs + d[None, :] * sqd,
+                 mask=rvalid[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    row_amax = tl.max(tl.abs(qf), axis=1)
+    qkey = g * BLOCK_M + i // QB
+    q_amax = tl.max(tl.where(qkey[:, None] == qkey[None, :], row_amax[None, :], 0.0), axis=1)
+    q_amax = tl.where(q_amax > 0, q_amax, 1.0)
+    q8 = stage1_codes(qf, stage1_inv(q_amax)[:, None]).to(tl.int8)
+    qs = stage1_scale(q_amax) * q_mult
     qpos = q_start + i
     if HAS_PAD:
         pad_b = tl.load(pad_ptr + b)
     else:
         pad_b = 0
 
+    # work units in position order: compressed tiles of BLOCK_N keys, then FP16 tail blocks of BS keys
     TPB: tl.constexpr = BS // BLOCK_N
     n_ct = n_comp * TPB
-    n_tt = (T_seg + BLOCK_N - 1) // BLOCK_N
-    total = n_ct + n_tt
+    total = n_ct + (T_seg + BS - 1) // BS
     tps = (total + NSPLIT - 1) // NSPLIT
     t_begin = sp * tps
     t_end = tl.minimum(t_begin + tps, total)
@@ -83,12 +111,23 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_M, DP], tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     if HAS_COMP:
-        for ti in range(t_begin, tl.minimum(t_end, n_ct)):
-            blk = ti // TPB
-            r0 = (ti % TPB) * BLOCK_N
-            slot = (b * HB + j) * CAP + blk
-            k8 = load_packed_tile(kc_ptr, ks2_ptr, kz_ptr, slot, r0, d, D, BS, BLOCK_N, BITS, K_CHANNEL)
-            ksc = tl.load(ks_ptr + slot)
+        c_end = tl.minimum(t_end, n_ct)
+        # software prefetch: the packed reads of tile ti + 1 are issued before tile ti is rebuilt and attended, so
+        # the HBM latency of one tile hides behind the arithmetic of the previous one (the loop is latency-bound
+        # otherwise: few programs fit an SM next to the unpacked INT8 tiles)
+        kc, ks2, kz, ksc, vc, vs2, vz, vsc = _load_comp_tile(
+            kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, b * HB + j, CAP, tl.minimum(t_begin, n_ct - 1), d, D,
+            BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL)
+        for ti in range(t_begin, c_end):
+            if PREFETCH:
+                nk, nks2, nkz, nksc, nv, nvs2, nvz, nvsc = _load_comp_tile(
+                    kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, b * HB + j, CAP,
+                    tl.minimum(ti + 1, c_end - 1), d, D, BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL)
+            else:
+                kc, ks2, kz, ksc, vc, vs2, vz, vsc = _load_comp_tile(
+                    kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, b * HB + j, CAP, ti, d, D,
+                    BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL)
+            k8 = rebuild_packed(kc, ks2, kz, d, D, BLOCK_N, BITS, K_CHANNEL)
             s = scores_int8(q8, k8.to(tl.int8), qs, ksc)
             kpos = ti * BLOCK_N + offs_n
             vis = rvalid[:, None] & (kpos[None, :] >= pad_b)
@@ -96,48 +135,48 @@ def _decode_kernel(
                 vis = vis & (kpos[None, :] <= qpos[:, None])
             if HAS_WINDOW:
                 vis = vis & (qpos[:, None] - kpos[None, :] < window)
-            v8 = load_packed_tile(vc_ptr, vs2_ptr, vz_ptr, slot, r0, d, D, BS, BLOCK_N, BITS, V_CHANNEL)
-            vsc = tl.load(vs_ptr + slot)
-            acc, m_i, l_i = online_update(acc, m_i, l_i, s, vis, prep_v(v8, vsc, PV_MODE), vsc,
-                                          EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8, SKIP_EMPTY)
+            v8 = rebuild_packed(vc, vs2, vz, d, D, BLOCK_N, BITS, V_CHANNEL)
+            acc, m_i, l_i = online_update(acc, m_i, l_i, s, vis, prep_v(v8, vsc, PV_MODE, FOLD_V), vsc,
+                                          EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8, SKIP_EMPTY,
+                                          FOLD_V=FOLD_V)
+            if PREFETCH:
+                kc, ks2, kz, ksc, vc, vs2, vz, vsc = nk, nks2, nkz, nksc, nv, nvs2, nvz, nvsc
     if HAS_SEG:
-        base = (b * HKV + h).to(tl.int64) * T_seg * D
-        for ti in range(tl.maximum(t_begin, n_ct) - n_ct, t_end - n_ct):
-            t = ti * BLOCK_N + offs_n
+        # the FP16 tail (old buffer + this step's tokens), stage 1 per block in registers (buffer_attention="int8"):
+        # the same codes and scales quantize_pack.stage1 would write, without its launch and round trip
+        offs_b = tl.arange(0, BS)
+        for tb in range(tl.maximum(t_begin, n_ct) - n_ct, t_end - n_ct):
+            t = tb * BS + offs_b
             tm = t < T_seg
-            k8 = tl.load(k8_ptr + base + t[:, None] * D + d[None, :], mask=tm[:, None] & dm[None, :], other=0)
-            sblk = (b * HKV + h) * NBLK_seg + (ti * BLOCK_N) // BS
-            ksc = tl.load(k8s_ptr + sblk)
-            s = scores_int8(q8, k8, qs, ksc)
+            msk = tm[:, None] & dm[None, :]
+            kf = tl.load(tk_ptr + b * stkb + h * stkh + t[:, None] * stkt + d[None, :] * stkd, mask=msk,
+                         other=0.0).to(tl.float32)
+            k_amax = tl.max(tl.max(tl.abs(kf), axis=1), axis=0)
+            k_amax = tl.where(k_amax > 0, k_amax, 1.0)
+            k8 = stage1_codes(kf, stage1_inv(k_amax))
+            s = scores_int8(q8, k8.to(tl.int8), qs, stage1_scale(k_amax))
             kpos = seg_start + t
             vis = rvalid[:, None] & tm[None, :] & (kpos[None, :] >= pad_b)
             if CAUSAL:
                 vis = vis & (kpos[None, :] <= qpos[:, None])
             if HAS_WINDOW:
                 vis = vis & (qpos[:, None] - kpos[None, :] < window)
-            vsc = tl.load(v8s_ptr + sblk)
-            if PV_MODE == 1:
-                v = tl.load(v8_ptr + base + t[:, None] * D + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
-            else:
-                if V_TRANS:
-                    v8 = tl.trans(tl.load(v8_ptr + base + d[:, None] * T_seg + t[None, :],
-                                          mask=dm[:, None] & tm[None, :], other=0))
-                else:
-                    v8 = tl.load(v8_ptr + base + t[:, None] * D + d[None, :], mask=tm[:, None] & dm[None, :],
-                                 other=0)
-                if PV_MODE == 0:
-                    v = v8
-                else:
-                    v = v8.to(tl.float32).to(tl.float8e4nv)
+            vf = tl.load(tv_ptr + b * stvb + h * stvh + t[:, None] * stvt + d[None, :] * stvd, mask=msk,
+                         other=0.0).to(tl.float32)
+            v_amax = tl.max(tl.max(tl.abs(vf), axis=1), axis=0)
+            v_amax = tl.where(v_amax > 0, v_amax, 1.0)
+            vsc = stage1_scale(v_amax)
+            v = prep_v(stage1_codes(vf, stage1_inv(v_amax)), vsc, PV_MODE, FOLD_V)
             acc, m_i, l_i = online_update(acc, m_i, l_i, s, vis, v, vsc,
-                                          EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8, SKIP_EMPTY)
+                                          EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8, SKIP_EMPTY,
+                                          FOLD_V=FOLD_V)
     prow = row * NSPLIT + sp
     tl.store(m_ptr + prow, m_i, mask=rvalid)
     tl.store(l_ptr + prow, l_i, mask=rvalid)
     tl.store(acc_ptr + prow[:, None] * DP + d[None, :], acc, mask=rvalid[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NSPLIT"])
 def _merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, sob, soh, sos, sod, Hq, Sq, NSPLIT, D, m_to_log2,
                   NSP: tl.constexpr, DP: tl.constexpr):
     row = tl.program_id(0)
@@ -159,72 +198,89 @@ def _merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, sob, soh, sos, sod, Hq, Sq, NSPL
     tl.store(o_ptr + b * sob + hq * soh + i * sos + d * sod, out.to(o_ptr.dtype.element_ty), mask=d < D)
 
 
+_DECODE = CachedLauncher(_decode_kernel)  # launched once per layer per token: see _launch.py
+_MERGE = CachedLauncher(_merge_kernel)
+
+
 def use_decode(sq: int, g: int, split) -> bool:
     """Short queries go to the decode kernel (GQA rows packed); longer ones to the prefill kernel."""
     return sq * g <= 64 and sq <= 16
 
 
-def choose_split(bsz: int, hkv: int, total_tiles: int, on_gpu: bool) -> int:
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_split(bsz: int, hkv: int, total_tiles: int, on_gpu: bool, mult: int = 4) -> int:
+    """Context splits per (sequence, KV head): enough programs for ``mult`` per SM, at least 4 tiles each."""
     if not on_gpu:
         return 1
-    n_sm = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    want = math.ceil(2 * n_sm / max(1, bsz * hkv))
+    want = math.ceil(mult * _sm_count(torch.cuda.current_device()) / max(1, bsz * hkv))
     return max(1, min(want, total_tiles // 4 if total_tiles >= 8 else 1, 64))
 
 
-def decode_layer(query, layer, seg, *, sm_scale, causal, pad=None, sliding_window=None, split=None,
-                 num_warps=4, num_stages=2):
-    """Decode attention of ``query [B, Hq, Sq, D]`` over ``layer`` (compressed blocks before this step + ``seg``, the
-    stage-1 INT8 tail from :func:`prefill.quantize_kv_segment`)."""
-    from .quantize_pack import stage1
+def _head_maps(layer, device) -> dict:
+    """int32 head indices per bit-width pool, converted once per layer (not once per step)."""
+    cached = getattr(layer, "_kernel_head_maps", None)
+    if cached is None or cached[0] is not layer.groups:
+        maps = {b: idx.to(device=device, dtype=torch.int32) for b, idx in layer.groups.items() if idx.numel()}
+        cached = (layer.groups, maps)
+        layer._kernel_head_maps = cached
+    return cached[1]
 
+
+def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=None, split=None,
+                 num_warps=4, num_stages=2, prefetch=True, fold_v=True, split_mult=4):
+    """Decode attention of ``query [B, Hq, Sq, D]`` over ``layer``: its blocks compressed before this step and its
+    FP16 tail (``layer._tail_k/_tail_v``, quantized per block inside the kernel). Two launches (three for mixed
+    bit-widths): the decode kernel per pool, then the log-sum-exp merge, which writes the output in
+    ``[B, Sq, Hq, D]`` memory order (returned as a ``[B, Hq, Sq, D]`` view: transformers' layout is then free).
+
+    ``split``: context splits (default :func:`choose_split` with ``split_mult`` programs per SM); ``prefetch``: issue
+    the next packed tile's reads before computing on this one; ``fold_v``: FP16 PV on the INT8 codes with the V
+    scale applied after the product; ``num_warps``/``num_stages``: Triton launch options (bench_decode_tuning)."""
     turbo = layer.turbo
     bsz, hq, sq, d = query.shape
     hkv = layer.num_heads
     g = hq // hkv
     exp_c = exp_constants(turbo)
-    log2_units = exp_c["EXP_MODE"] != 1
-    q8, qs = stage1(query, turbo.block_m, scale_mult=float(sm_scale) * (LOG2E if log2_units else 1.0))
+    q_mult = float(sm_scale) * (LOG2E if exp_c["EXP_MODE"] != 1 else 1.0)
     n_comp = layer.blocks_before
     bs = turbo.block_size
-    t_seg = seg["k8"].shape[2] if seg is not None else 0
-    total_tiles = n_comp * (bs // turbo.block_n) + triton.cdiv(t_seg, turbo.block_n)
-    nsplit = split or choose_split(bsz, hkv, total_tiles, query.is_cuda)
+    tk, tv = layer._tail_k, layer._tail_v
+    t_seg = tk.shape[2] if tk is not None else 0
+    total_tiles = n_comp * (bs // turbo.block_n) + triton.cdiv(t_seg, bs)
+    nsplit = split or choose_split(bsz, hkv, total_tiles, query.is_cuda, split_mult)
     dp = next_pow2(d)
     dev = query.device
     acc = torch.empty(bsz, hq, sq, nsplit, dp, dtype=torch.float32, device=dev)
     m = torch.empty(bsz, hq, sq, nsplit, dtype=torch.float32, device=dev)
     l = torch.empty(bsz, hq, sq, nsplit, dtype=torch.float32, device=dev)
-    s_kv = n_comp * bs + t_seg
     block_m = max(16, next_pow2(g * sq))
-    for bits, idx in layer.groups.items():
-        hb = idx.numel()
-        if hb == 0:
-            continue
-        hmap = idx.to(device=dev, dtype=torch.int32)
+    for bits, hmap in _head_maps(layer, dev).items():
+        hb = hmap.numel()
         if n_comp:
             pool = layer.pools[bits]
             cp = (pool["k_codes"], pool["k_scale"], pool["k_s2"], pool["k_zero"],
                   pool["v_codes"], pool["v_scale"], pool["v_s2"], pool["v_zero"], hb, pool["k_scale"].shape[2], n_comp)
         else:
             cp = (hmap,) * 8 + (hb, 1, 0)
-        if seg is not None:
-            sp = (seg["k8"], seg["ks"], seg["v8"], seg["vs"], hkv, t_seg, seg["ks"].shape[2], seg["start"])
-        else:
-            sp = (hmap,) * 4 + (hkv, 0, 1, 0)
-        _decode_kernel[(nsplit, bsz * hb)](
-            q8, qs, qs.shape[2], hq, acc, m, l, nsplit, hmap, pad if pad is not None else hmap,
-            *cp, *sp, sq, s_kv - sq, d, int(sliding_window) if sliding_window is not None else 0,
-            G=g, QB=turbo.block_m, BS=bs, BLOCK_M=block_m, BLOCK_N=turbo.block_n, DP=dp, TPS_HINT=0,
+        tail = (tk, *tk.stride(), tv, *tv.stride(), t_seg, n_comp * bs) if t_seg else (hmap, 0, 0, 0, 0) * 2 + (0, 0)
+        _DECODE[(nsplit, bsz * hb)](
+            query, *query.stride(), q_mult, hq, acc, m, l, nsplit, hmap, pad if pad is not None else hmap,
+            *cp, *tail, sq, n_comp * bs + t_seg - sq, d, int(sliding_window) if sliding_window is not None else 0,
+            G=g, QB=turbo.block_m, BS=bs, BLOCK_M=block_m, BLOCK_N=turbo.block_n, DP=dp,
             BITS=bits, K_CHANNEL=turbo.k_axis == "channel", V_CHANNEL=turbo.v_axis == "channel",
-            HAS_COMP=n_comp > 0, HAS_SEG=t_seg > 0, V_TRANS=bool(seg is not None and seg.get("v_trans")),
+            HAS_COMP=n_comp > 0, HAS_SEG=t_seg > 0,
             CAUSAL=bool(causal), HAS_PAD=pad is not None, HAS_WINDOW=sliding_window is not None,
             PV_MODE=PV_MODES[turbo.pv], SKIP_EMPTY=turbo.exp == "sas", **exp_c,
+            PREFETCH=bool(prefetch), FOLD_V=bool(fold_v) and turbo.pv == "fp16",
             num_warps=num_warps, num_stages=num_stages,
         )
-    out = torch.empty_like(query)
-    _merge_kernel[(bsz * hq * sq,)](
-        acc, m, l, out, *out.stride(), hq, sq, nsplit, d, 1.0 if log2_units else LOG2E,
+    out = torch.empty(bsz, sq, hq, d, dtype=query.dtype, device=dev).transpose(1, 2)
+    _MERGE[(bsz * hq * sq,)](
+        acc, m, l, out, *out.stride(), hq, sq, nsplit, d, 1.0 if exp_c["EXP_MODE"] != 1 else LOG2E,
         NSP=max(2, next_pow2(nsplit)), DP=dp, num_warps=4,
     )
     return out

@@ -20,6 +20,7 @@ tiles entirely outside them are skipped by the loop bounds. GQA: the program's q
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -214,10 +215,16 @@ PV_MODES = {"int8": 0, "fp16": 1, "fp8": 2}
 
 
 def exp_constants(turbo) -> dict:
-    mode = EXP_MODES[(turbo.exp, turbo.sas_base)]
-    c = dict(EXP_MODE=mode, N_R=float(turbo.n_r), Y_R=float(turbo.n_r) * LOG2E)
-    c.update(lut_constants(turbo.n_r) if mode == 1 else {f"L{i}": 0.0 for i in range(1, 9)})
-    return c
+    """The softmax constexprs of a TurboConfig (EXP_MODE, thresholds, SAS table)."""
+    return dict(_exp_constants(turbo.exp, turbo.sas_base, float(turbo.n_r)))
+
+
+@functools.cache
+def _exp_constants(exp: str, sas_base: str, n_r: float) -> tuple:
+    mode = EXP_MODES[(exp, sas_base)]
+    c = dict(EXP_MODE=mode, N_R=n_r, Y_R=n_r * LOG2E)
+    c.update(lut_constants(n_r) if mode == 1 else {f"L{i}": 0.0 for i in range(1, 9)})
+    return tuple(c.items())
 
 
 def default_tiles(d: int, sq: int, block_m: int, on_gpu: bool) -> tuple[int, int, int]:

@@ -15,6 +15,12 @@ from hf_turbo.quant import quantize_int8_blocks, quantize_stage2, rebuild_stage2
 BS = 64
 
 
+def _cache(config=None, **overrides):
+    """A TurboQuantCache with unsmoothed keys: these tests check the stored layout bit for bit against the BPQ
+    reference and the inputs; tests/test_k_smooth.py covers K smoothing (the default)."""
+    return TurboQuantCache(config, **{"k_smooth": False, **overrides})
+
+
 def _config(layers=2, kv_heads=2, heads=4, attn="turbo", **extra):
     """A minimal model config: what the cache reads (layer / head counts, live attention implementation)."""
     cfg = SimpleNamespace(num_hidden_layers=layers, num_key_value_heads=kv_heads, num_attention_heads=heads, **extra)
@@ -53,7 +59,7 @@ def _bpq_bound(x: torch.Tensor, bits: int, axis: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("t", [63, 64, 65, 129])
 def test_flush_boundaries_prefill_then_decode(t):
-    cache = TurboQuantCache(_config())
+    cache = _cache(_config())
     (k_all, v_all), _ = _fill(cache, [_kv(t=t)])
     layer = cache.layers[0]
     assert layer.n_blocks == t // BS
@@ -77,7 +83,7 @@ def test_flush_boundaries_prefill_then_decode(t):
 def test_compressed_blocks_are_the_bpq_reference():
     """What the pools hold, rebuilt, is exactly quant/bpq's stage 1 + stage 2 of the same block (K per channel,
     V per token); the dequantized state is within one BPQ bound of the input, and the buffer is exact."""
-    cache = TurboQuantCache(_config(), int2_fraction=0.5)
+    cache = _cache(_config(), int2_fraction=0.5)
     chunks = [_kv(t=100), _kv(t=1), _kv(t=30)]  # 131 tokens: 2 blocks (one flushed by the 30-token chunk)
     inputs = _fill(cache, chunks)
     for i, layer in enumerate(cache.layers):
@@ -107,12 +113,12 @@ def test_head_bits_follow_priority_or_calibration():
     k, v = _kv(b=1, h=4, t=70)
     k[:, 2, :, 5] *= 30  # head 2: outlier channel, highest priority
     k[:, 0] *= 0.05  # head 0: quiet, lowest priority
-    cache = TurboQuantCache(_config(kv_heads=4), int2_heads=1)
+    cache = _cache(_config(kv_heads=4), int2_heads=1)
     _fill(cache, [(k, v)])
     assert cache.layers[0].head_bits.tolist() == [2, 4, 4, 4]
     # calibrated priorities override the online choice (and are per layer)
     pri = [[5.0, 1.0, 3.0, 4.0], [1.0, 2.0, 3.0, 0.5]]
-    cache = TurboQuantCache(_config(kv_heads=4), int2_heads=2, priorities=pri)
+    cache = _cache(_config(kv_heads=4), int2_heads=2, priorities=pri)
     _fill(cache, [(k, v)])
     assert cache.layers[0].head_bits.tolist() == [4, 2, 2, 4]
     assert cache.layers[1].head_bits.tolist() == [2, 4, 4, 2]
@@ -124,7 +130,7 @@ def test_head_bits_follow_priority_or_calibration():
 
 def test_reader_turbo_gets_placeholders_other_readers_get_real_kv():
     cfg = _config(attn="turbo")
-    cache = TurboQuantCache(cfg)
+    cache = _cache(cfg)
     k, v = _kv(t=80)
     keys, values = cache.update(k, v, 0)
     assert keys.shape == (2, 2, 80, 64) and keys.turbo_layer is cache.layers[0]
@@ -144,14 +150,14 @@ def test_reader_turbo_gets_placeholders_other_readers_get_real_kv():
     assert torch.equal(keys[:, :, :64], k_deq[:, :, :64]) and torch.equal(values[:, :, :64], v_deq[:, :, :64])
     assert torch.equal(keys[:, :, 64:], torch.cat([k, k2, k3], 2)[:, :, 64:])
     # without a model config the layers are created lazily and always hand out real K/V
-    lazy = TurboQuantCache()
+    lazy = TurboQuantCache(k_smooth=False)
     keys, _ = lazy.update(k, v, 0)
     assert keys.stride() != (0, 0, 0, 0) and len(lazy.layers) == 1
     assert torch.equal(keys, k)
 
 
 def test_noquant_mode_is_a_plain_dynamic_cache():
-    cache = TurboQuantCache(_config(), quantize=False)
+    cache = _cache(_config(), quantize=False)
     inputs = _fill(cache, [_kv(t=70), _kv(t=1)])
     for i, layer in enumerate(cache.layers):
         assert torch.equal(layer.keys, inputs[i][0]) and torch.equal(layer.values, inputs[i][1])
@@ -174,7 +180,7 @@ def test_crop_keeps_contents(quantize, form, keep):
     """crop(-n) (transformers >= 5.18) and crop(length) (the legacy absolute form) drop the newest tokens; the kept
     tokens dequantize exactly as before (a block cut in the middle goes back to the buffer as its dequantized
     values), and the cache keeps working."""
-    cache = TurboQuantCache(_config(), quantize=quantize)
+    cache = _cache(_config(), quantize=quantize)
     _fill(cache, [_kv(t=140), _kv(t=1), _kv(t=1), _kv(t=20)])  # 162 tokens: 2 blocks + 34 buffered
     before = _state(cache)
     arg = keep - 162 if form == "negative" else keep
@@ -205,7 +211,7 @@ def test_crop_keeps_contents(quantize, form, keep):
 
 
 def test_crop_noop_cases():
-    cache = TurboQuantCache(_config())
+    cache = _cache(_config())
     _fill(cache, [_kv(t=70)])
     before = _state(cache)
     cache.crop(0)
@@ -213,7 +219,7 @@ def test_crop_noop_cases():
     cache.crop(500)  # longer than the cache
     assert cache.get_seq_length() == 70
     assert all(torch.equal(a[0], b[0]) for a, b in zip(before, _state(cache)))
-    TurboQuantCache(_config()).crop(-3)  # an empty cache: nothing to do, no error
+    _cache(_config()).crop(-3)  # an empty cache: nothing to do, no error
 
 
 # --- batch ops --------------------------------------------------------------------------------------------------------
@@ -221,7 +227,7 @@ def test_crop_noop_cases():
 
 @pytest.mark.parametrize("quantize", [True, False])
 def test_reorder_repeat_select(quantize):
-    cache = TurboQuantCache(_config(), quantize=quantize)
+    cache = _cache(_config(), quantize=quantize)
     _fill(cache, [_kv(b=3, t=70), _kv(b=3, t=1)])
     before = _state(cache)
 
@@ -250,7 +256,7 @@ def test_reorder_repeat_select(quantize):
 
 
 def test_reset_and_reuse():
-    cache = TurboQuantCache(_config())
+    cache = _cache(_config())
     _fill(cache, [_kv(b=2, t=100)])
     assert cache.nbytes() > 0
     cache.reset()
@@ -264,7 +270,7 @@ def test_reset_and_reuse():
 
 
 def test_get_mask_sizes():
-    cache = TurboQuantCache(_config())
+    cache = _cache(_config())
     assert cache.get_mask_sizes(5, 0) == (5, 0)
     _fill(cache, [_kv(t=100)])
     assert cache.get_mask_sizes(1, 0) == (101, 0)
@@ -289,7 +295,7 @@ def _expected_nbytes(b, h, n_blocks, buffered, d, bits_per_head):
 @pytest.mark.parametrize("d", [64, 128])
 def test_memory_ratio_all_4bit_at_1k_tokens(d):
     b, h = 1, 4
-    cache = TurboQuantCache(_config(kv_heads=h), bits=4, int2_fraction=0.0)
+    cache = _cache(_config(kv_heads=h), bits=4, int2_fraction=0.0)
     _fill(
         cache, [_kv(b=b, h=h, t=1000, d=d, dtype=torch.float16)] + [_kv(b=b, h=h, t=1, d=d, dtype=torch.float16)] * 24
     )
@@ -311,10 +317,21 @@ def test_memory_ratio_all_4bit_at_1k_tokens(d):
 
 def test_memory_mixed_precision_and_noquant():
     b, h, d = 2, 4, 64
-    mixed = TurboQuantCache(_config(kv_heads=h), int2_fraction=0.5)
+    mixed = _cache(_config(kv_heads=h), int2_fraction=0.5)
     _fill(mixed, [_kv(b=b, h=h, t=1024, d=d, dtype=torch.float16)])
     assert mixed.nbytes() == 2 * _expected_nbytes(b, h, 16, 0, d, [4, 4, 2, 2])
     assert mixed.compression_ratio() > 4.4  # half the heads at 2 bits: the paper's "over 4.4x" regime (spec §6.3)
-    plain = TurboQuantCache(_config(kv_heads=h), quantize=False)
+    plain = _cache(_config(kv_heads=h), quantize=False)
     _fill(plain, [_kv(b=b, h=h, t=1024, d=d, dtype=torch.float16)])
     assert plain.nbytes() == plain.fp16_nbytes()
+
+
+def test_short_first_update_read_by_sdpa():
+    """A non-turbo reader gets the real K/V before the first flush (no pools yet): a prompt shorter than a block."""
+    cache = _cache(_config(attn="sdpa"), int2_heads=1)
+    k, v = _kv(b=1, t=10)
+    keys, values = cache.update(k, v, 0)
+    assert torch.equal(keys, k) and torch.equal(values, v)
+    k2, v2 = _kv(b=1, t=60)
+    keys, _ = cache.update(k2, v2, 0)  # flushes one block; this step still reads it in full precision
+    assert torch.equal(keys, torch.cat([k, k2], dim=-2))

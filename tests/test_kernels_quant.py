@@ -66,7 +66,7 @@ def _poison(layer):
 def test_compress_into_bit_exact(d, bits, low, frac, k_axis, v_axis):
     from hf_turbo.kernels.quantize_pack import compress_into
 
-    cfg = TurboConfig(bits=bits, low_bits=low, int2_fraction=frac, k_axis=k_axis, v_axis=v_axis)
+    cfg = TurboConfig(bits=bits, low_bits=low, int2_fraction=frac, k_axis=k_axis, v_axis=v_axis, k_smooth=False)
     h = 4
     k = _inputs(2, h, 64 * 3 + 5, d)
     v = _inputs(2, h, 64 * 3 + 5, d, outlier=False)

@@ -29,9 +29,11 @@ def _run_tp2(model_dir, out_dir, extra):
     return json.loads(path.read_text())["detail"]
 
 
-@pytest.mark.parametrize("no_quant", [True, False], ids=["noquant", "int4-int2"])
-def test_tp2_matches_tp1(tiny_dir, tmp_path, no_quant):
+@pytest.mark.parametrize("no_quant, k_smooth", [(True, False), (False, False), (False, True)],
+                         ids=["noquant", "int4-int2", "int4-int2-ksmooth"])
+def test_tp2_matches_tp1(tiny_dir, tmp_path, no_quant, k_smooth):
     extra = ["--no-quant"] if no_quant else ["--int2-fraction", "0.5"]
+    extra += ["--k-smooth"] if k_smooth else []  # mu is per local head: computed on each shard, nothing gathered
     tp2 = _run_tp2(tiny_dir, tmp_path, extra)
     args = tp_generate.build_parser().parse_args(
         ["--model-dir", str(tiny_dir), "--device", "cpu", "--dtype", "float32", "--prompt-len", "150",

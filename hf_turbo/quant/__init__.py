@@ -19,7 +19,7 @@ from .bpq import (
     round_half_away,
     unpack_bits,
 )
-from .priority import assign_head_bits, head_priority
+from .priority import assign_head_bits, assign_model_head_bits, head_priority
 from .sas import exp_neg, sas_error_bound, sas_exp_neg
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "KVSegment",
     "Stage2",
     "assign_head_bits",
+    "assign_model_head_bits",
     "dequantize_int8",
     "exact_attention",
     "exp_neg",

@@ -8,7 +8,10 @@ For the KV head ``h`` with values ``X_h`` of shape ``[N, D]`` (all tokens of all
     priority  = gap(h) * std(h)
 
 A head with one outlier channel has a large gap *and* uneven channel ranges: it ranks high and keeps 4 bits. The
-``n_low`` lowest-priority heads of each layer go to the low bit-width (ties: lower head index first).
+``n_low`` lowest-priority heads of each layer go to the low bit-width (ties: lower head index first), or, with a
+model-wide choice (:func:`assign_model_head_bits`), the ``n_low`` lowest of all ``L x H`` heads, optionally after
+dividing each layer's priorities by the layer's mean (``"layer_mean"``: gap x std scales with the square of the key
+magnitude, which differs from layer to layer).
 """
 
 from __future__ import annotations
@@ -65,3 +68,36 @@ def assign_head_bits(priority: torch.Tensor, n_low: int, bits: int = 4, low_bits
         order = torch.sort(priority.detach().float().cpu(), stable=True).indices
         out[order[:n_low]] = low_bits
     return out
+
+
+NORMALIZATIONS = ("none", "layer_mean")
+
+
+def normalize_priorities(priorities: torch.Tensor, normalize: str = "none") -> torch.Tensor:
+    """``[L, H]`` priorities made comparable across layers: "none" (as they are) or "layer_mean" (each row divided by
+    its mean; a row whose mean is not positive is left as it is)."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    pr = priorities.detach().float().cpu()
+    if normalize == "layer_mean":
+        mean = pr.mean(dim=-1, keepdim=True)
+        pr = torch.where(mean > 0, pr / torch.where(mean > 0, mean, 1.0), pr)
+    return pr
+
+
+def assign_model_head_bits(priorities: torch.Tensor, n_low: int, bits: int = 4, low_bits: int = 2,
+                           normalize: str = "none") -> torch.Tensor:
+    """Bit-width per head with the low-bit heads chosen over the whole model.
+
+    Args:
+        priorities: ``[L, H]`` (higher = more sensitive).
+        n_low: total number of low-bit heads, ``0 <= n_low <= L * H`` (the count per layer follows from the ranking).
+        normalize: see :func:`normalize_priorities`.
+
+    Returns:
+        int64 ``[L, H]`` bit-widths (ties: lower layer, then lower head index first).
+    """
+    if priorities.dim() != 2:
+        raise ValueError(f"priorities must be [L, H], got shape {tuple(priorities.shape)}")
+    pr = normalize_priorities(priorities, normalize)
+    return assign_head_bits(pr.flatten(), n_low, bits, low_bits).reshape(pr.shape)

@@ -1,0 +1,101 @@
+"""Run the kernel test suites compiled on the GPU, and compute-sanitizer on a small generation; record the outcome.
+
+    python -m hf_turbo.eval.gpu_tests [--sanitizer]        # from the repo root, on a CUDA machine
+
+* ``tests/gpu`` plus the interpreted kernel tests (``tests/test_kernels_*.py``) with ``HF_TURBO_GPU_TESTS=1``, so
+  they run compiled on CUDA tensors at the sizes they define; the pytest log goes to
+  ``eval/results/attention_gpu_tests.log``;
+* ``--sanitizer``: ``compute-sanitizer --tool memcheck`` on a tiny random Llama generating 80 tokens through turbo
+  attention and TurboQuantCache (prefill, decode, one flush of the FP16 buffer into the packed pools); log in
+  ``eval/results/compute_sanitizer.log``.
+
+Writes ``eval/results/gpu_tests.json`` (passed / failed / skipped per suite, the names of failed tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+
+from hf_turbo.eval.results import REPO_ROOT, RESULTS_DIR, write_result
+
+
+def run_pytest(log_path) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = os.path.join(tmp, "junit.xml")
+        files = ["tests/gpu"] + sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "tests").glob("test_kernels_*.py"))
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *files]
+        env = {**os.environ, "HF_TURBO_GPU_TESTS": "1"}
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+        log_path.write_text(proc.stdout + proc.stderr)
+        suite = ET.parse(xml).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        failed = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
+                  if c.find("failure") is not None or c.find("error") is not None]
+        n = int(suite.get("tests"))
+        skipped = int(suite.get("skipped", 0))
+        return dict(suite="tests/gpu + kernel tests compiled (HF_TURBO_GPU_TESTS=1)", passed=n - skipped - len(failed),
+                    failed=len(failed), skipped=skipped, failed_tests=failed, command=" ".join(cmd[1:]))
+
+
+def run_sanitizer(log_path) -> dict:
+    exe = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    cmd = [exe, "--tool", "memcheck", sys.executable, "-m", "hf_turbo.eval.gpu_tests", "--tiny-generate"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    log_path.write_text(out)
+    m = re.search(r"ERROR SUMMARY: (\d+) error", out)
+    ok = proc.returncode == 0 and m is not None and int(m.group(1)) == 0 and "generated" in out
+    return dict(suite="compute-sanitizer memcheck, tiny Llama generating 80 tokens through the kernels",
+                passed=int(ok), failed=int(not ok), skipped=0,
+                failed_tests=[] if ok else [f"sanitizer: {m.group(0) if m else 'no summary'} rc={proc.returncode}"],
+                command=" ".join(cmd[:3] + ["python", *cmd[4:]]))
+
+
+def tiny_generate() -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_turbo
+    from hf_turbo.generate import cache_kwarg
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=512, attn_implementation="turbo")
+    model = LlamaForCausalLM(cfg).half().cuda().eval()
+    ids = torch.randint(0, 512, (2, 100), device="cuda")
+    cache = hf_turbo.TurboQuantCache(model.config, int2_fraction=0.5)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=80, min_new_tokens=80,
+                         do_sample=False, **{cache_kwarg(): cache})
+    torch.cuda.synchronize()
+    print("generated", tuple(out.shape))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sanitizer", action="store_true", help="also run compute-sanitizer memcheck")
+    ap.add_argument("--tiny-generate", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.tiny_generate:
+        tiny_generate()
+        return 0
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    rows = [run_pytest(RESULTS_DIR / "attention_gpu_tests.log")]
+    print(rows[-1], flush=True)
+    if args.sanitizer:
+        rows.append(run_sanitizer(RESULTS_DIR / "compute_sanitizer.log"))
+        print(rows[-1], flush=True)
+    write_result("gpu_tests", rows, title="Kernel tests on the GPU", columns=["suite", "passed", "failed", "skipped"],
+                 notes="Failed: " + "; ".join(t for r in rows for t in r["failed_tests"]) if any(
+                     r["failed"] for r in rows) else "No failures. Logs: attention_gpu_tests.log, compute_sanitizer.log.")
+    return 0 if not any(r["failed"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Where a decode step's time goes in real transformers generation: TurboQuantCache + turbo attention vs SDPA +
+DynamicCache, profiled with ``torch.profiler`` (issue 6).
+
+    python -m hf_turbo.eval.profile_generation --shape llama3-8b --batches 1,8 --prompt 1024
+
+For each method and batch: the time per output token over ``--new`` greedy tokens (after a chunked prefill of the
+prompt), then a profile of ``--profile-steps`` further tokens: the top operators by self CPU time and by GPU time,
+the number of host-device synchronisations, kernel launches, and GPU busy time per token. Writes
+``eval/results/profile_generation_<shape>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from hf_turbo.eval.bench_throughput import SHAPES, attention_backends, build_model, make_cache, prefill
+from hf_turbo.eval.results import write_result
+
+SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+LAUNCH_OPS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def _top(events, key, n=15):
+    rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:n]
+    return [dict(name=e.key[:120], calls=e.count, self_cpu_us=e.self_cpu_time_total,
+                 device_us=getattr(e, "self_device_time_total", 0.0)) for e in rows]
+
+
+def profile_method(model, method, batch, prompt, new, steps, device):
+    with attention_backends(method):
+        return _profile_method(model, method, batch, prompt, new, steps, device)
+
+
+@torch.inference_mode()
+def _profile_method(model, method, batch, prompt, new, steps, device):
+    from hf_turbo.generate import cache_kwarg
+
+    ckw = cache_kwarg()
+    model.set_attn_implementation("turbo" if method.startswith("turbo") else "sdpa")
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
+    mask = torch.ones_like(ids)
+    cache = make_cache(method, model)
+    prefill(model, ids, cache, 1024)
+    gen = dict(attention_mask=mask, do_sample=False, **{ckw: cache})
+    model.generate(ids, max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up (compiles kernels)
+    cache = make_cache(method, model)
+    prefill(model, ids, cache, 1024)
+    gen[ckw] = cache
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **gen)
+    torch.cuda.synchronize()
+    tpot = (time.perf_counter() - t0) / new
+    cache = make_cache(method, model)
+    prefill(model, ids, cache, 1024)
+    gen[ckw] = cache
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, **gen)
+        torch.cuda.synchronize()
+    ev = prof.key_averages()
+    syncs = sum(e.count for e in ev if e.key.startswith(SYNC_OPS))
+    launches = sum(e.count for e in ev if e.key in LAUNCH_OPS)
+    gpu_us = sum(getattr(e, "self_device_time_total", 0.0) for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
+    return dict(
+        method=method, batch=batch, prompt=prompt, tpot_ms=1e3 * tpot, new=new, tokens=int(out.shape[1] - prompt),
+        profile_steps=steps, syncs_per_token=syncs / steps, launches_per_token=launches / steps,
+        gpu_busy_ms_per_token=gpu_us / steps / 1e3,
+        top_cpu=_top(ev, "self_cpu_time_total"), top_gpu=_top(ev, "self_device_time_total"),
+    )
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, default=None, help="override the number of layers (faster runs)")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--methods", default="sdpa,sdpa-flash,turbo4,turbo-mixed")
+    ap.add_argument("--prompt", type=int, default=1024)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--profile-steps", type=int, default=8)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--name", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_generation needs a CUDA GPU")
+    device = torch.device("cuda")
+    if args.layers:
+        SHAPES[args.shape][1]["num_hidden_layers"] = args.layers
+    model = build_model(args.shape, device, getattr(torch, args.dtype))
+    rows = []
+    for b in map(int, args.batches.split(",")):
+        for m in args.methods.split(","):
+            r = profile_method(model, m, b, args.prompt, args.new, args.profile_steps, device)
+            rows.append(r)
+            print({k: v for k, v in r.items() if not k.startswith("top")}, flush=True)
+            for e in r["top_cpu"][:8]:
+                print("   cpu", e)
+            for e in r["top_gpu"][:8]:
+                print("   gpu", e)
+    name = args.name or f"profile_generation_{args.shape}"
+    path = write_result(
+        name, rows, title=f"Decode step profile, {args.shape} ({args.dtype}), prompt {args.prompt}",
+        columns=["method", "batch", "tpot_ms", "gpu_busy_ms_per_token", "launches_per_token", "syncs_per_token"],
+        notes="tpot_ms: wall time per output token; gpu_busy: summed kernel time per token from torch.profiler "
+              "(tpot far above it = the step is bound by Python / launches, not by the GPU).",
+    )
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
