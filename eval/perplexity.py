@@ -74,8 +74,8 @@ def _t(name, label, **turbo):
     return Setting(name, "turbo_cache", turbo=turbo, label=label)
 
 
-PAPER = {"exp": "sas", "pv": "int8"}  # the paper's softmax (SAS) and INT8 P
-DEFAULT = {"exp": "exp2", "pv": "fp16"}  # the "default" preset (exact exp2, FP16 P @ V)
+PAPER = {"exp": "sas", "pv": "int8", "k_smooth": False}  # the paper's softmax (SAS), INT8 P, no K smoothing
+DEFAULT = {"exp": "exp2", "pv": "fp16"}  # the "default" preset (exact exp2, FP16 P @ V, K smoothing)
 
 SETTINGS: dict[str, Setting] = {
     s.name: s
@@ -90,8 +90,8 @@ SETTINGS: dict[str, Setting] = {
         _t("turbo-4bit", "turbo 4-bit KV, SAS n_r=6, INT8 P", bits=4, **PAPER),
         _t("turbo-4bit-exp2", "turbo 4-bit KV, SAS off (exp2), INT8 P", bits=4, **{**PAPER, "exp": "exp2"}),
         _t("turbo-4bit-pvfp16", "turbo 4-bit KV, SAS, FP16 P", bits=4, **{**PAPER, "pv": "fp16"}),
-        _t("turbo-4bit-default", "turbo 4-bit KV, exp2, FP16 P (default preset)", bits=4, **DEFAULT),
-        _t("turbo-4bit-default-ksmooth", "turbo 4-bit KV, exp2, FP16 P, K smoothing", bits=4, k_smooth=True,
+        _t("turbo-4bit-default", "turbo 4-bit KV, exp2, FP16 P, K smoothing (default preset)", bits=4, **DEFAULT),
+        _t("turbo-4bit-default-nosmooth", "turbo 4-bit KV, exp2, FP16 P, no K smoothing", bits=4, k_smooth=False,
            **DEFAULT),
         _t("turbo-4bit-nr4", "turbo 4-bit KV, SAS n_r=4", bits=4, n_r=4.0, **PAPER),
         _t("turbo-4bit-nr5", "turbo 4-bit KV, SAS n_r=5", bits=4, n_r=5.0, **PAPER),
@@ -102,9 +102,9 @@ SETTINGS: dict[str, Setting] = {
            priorities="calibrated", **PAPER),
         _t("turbo-mixed1-calib-default", "turbo 2/4 mixed, 1 INT2 head/layer, calibrated, exp2 + FP16 P",
            int2_heads=1, priorities="calibrated", **DEFAULT),
-        _t("turbo-mixed1-calib-default-ksmooth",
-           "turbo 2/4 mixed, 1 INT2 head/layer, calibrated, exp2 + FP16 P, K smoothing", int2_heads=1,
-           priorities="calibrated", k_smooth=True, **DEFAULT),
+        _t("turbo-mixed1-calib-default-nosmooth",
+           "turbo 2/4 mixed, 1 INT2 head/layer, calibrated, exp2 + FP16 P, no K smoothing", int2_heads=1,
+           priorities="calibrated", k_smooth=False, **DEFAULT),
         _t("turbo-mixed-model25-calib-default", "turbo 2/4 mixed, 25% of all heads INT2 ranked model-wide, "
            "calibrated, exp2 + FP16 P", int2_fraction=0.25, int2_scope="model", priorities="calibrated", **DEFAULT),
         _t("turbo-mixed-model33-calib-default", "turbo 2/4 mixed, 1/3 of all heads INT2 ranked model-wide, "
@@ -122,14 +122,14 @@ SETTINGS: dict[str, Setting] = {
         _t("turbo-mixed-frac25", "turbo mixed, int2_fraction=0.25", int2_fraction=0.25, **PAPER),
         _t("turbo-mixed-frac50", "turbo mixed, int2_fraction=0.5", int2_fraction=0.5, **PAPER),
         Setting("cache4-sdpa", "turbo_cache_sdpa", turbo={"bits": 4},
-                label="TurboQuantCache 4-bit read by exact SDPA (cache error only)"),
-        Setting("cache4-sdpa-ksmooth", "turbo_cache_sdpa", turbo={"bits": 4, "k_smooth": True},
-                label="TurboQuantCache 4-bit, K smoothing, read by exact SDPA"),
+                label="TurboQuantCache 4-bit (K smoothing) read by exact SDPA (cache error only)"),
+        Setting("cache4-sdpa-nosmooth", "turbo_cache_sdpa", turbo={"bits": 4, "k_smooth": False},
+                label="TurboQuantCache 4-bit, no K smoothing, read by exact SDPA"),
         Setting("cache-mixed1-calib-sdpa", "turbo_cache_sdpa", turbo={"int2_heads": 1, "priorities": "calibrated"},
-                label="TurboQuantCache mixed 1 INT2/layer calibrated, read by SDPA"),
-        Setting("cache-mixed1-calib-sdpa-ksmooth", "turbo_cache_sdpa",
-                turbo={"int2_heads": 1, "priorities": "calibrated", "k_smooth": True},
-                label="TurboQuantCache mixed 1 INT2/layer calibrated, K smoothing, read by SDPA"),
+                label="TurboQuantCache mixed 1 INT2/layer calibrated (K smoothing), read by SDPA"),
+        Setting("cache-mixed1-calib-sdpa-nosmooth", "turbo_cache_sdpa",
+                turbo={"int2_heads": 1, "priorities": "calibrated", "k_smooth": False},
+                label="TurboQuantCache mixed 1 INT2/layer calibrated, no K smoothing, read by SDPA"),
         Setting("cache2-sdpa", "turbo_cache_sdpa", turbo={"bits": 2},
                 label="TurboQuantCache 2-bit read by exact SDPA (cache error only)"),
         Setting("kivi-4-g32", "kivi", kivi={"nbits": 4, "group_size": 32}, label="KIVI 4-bit g32 r128"),
@@ -148,14 +148,13 @@ SUITES: dict[str, list[str]] = {
     "ci": ["fp", "turbo-prefill", "turbo-4bit", "turbo-mixed1-online", "kivi-4-g64"],
     "full": [
         "fp", "turbo-prefill", "turbo-prefill-exp2", "turbo-prefill-default", "turbo-int8", "turbo-4bit",
-        "turbo-4bit-exp2", "turbo-4bit-pvfp16", "turbo-4bit-default", "turbo-4bit-default-ksmooth",
-        "turbo-4bit-nr4", "turbo-4bit-nr5",
-        "turbo-4bit-nr8", "turbo-4bit-nr8-pvfp16", "turbo-mixed1-online", "turbo-mixed1-calib",
-        "turbo-mixed1-calib-default", "turbo-mixed1-calib-default-ksmooth",
+        "turbo-4bit-exp2", "turbo-4bit-pvfp16", "turbo-4bit-default", "turbo-4bit-default-nosmooth",
+        "turbo-4bit-nr4", "turbo-4bit-nr5", "turbo-4bit-nr8", "turbo-4bit-nr8-pvfp16", "turbo-mixed1-online",
+        "turbo-mixed1-calib", "turbo-mixed1-calib-default", "turbo-mixed1-calib-default-nosmooth",
         "turbo-mixed-model25-calib-default", "turbo-mixed-model33-calib-default",
-        "turbo-mixed-model25-norm-calib-default", "turbo-mixed-model33-norm-calib-default",
-        "turbo-mixed2-online", "turbo-mixed2-calib", "turbo-2bit", "cache4-sdpa",
-        "cache4-sdpa-ksmooth", "cache-mixed1-calib-sdpa", "cache-mixed1-calib-sdpa-ksmooth", "cache2-sdpa", "kivi-4-g32", "kivi-4-g64", "kivi-3-g64", "kivi-2-g32",
+        "turbo-mixed-model25-norm-calib-default", "turbo-mixed-model33-norm-calib-default", "turbo-mixed2-online",
+        "turbo-mixed2-calib", "turbo-2bit", "cache4-sdpa", "cache4-sdpa-nosmooth", "cache-mixed1-calib-sdpa",
+        "cache-mixed1-calib-sdpa-nosmooth", "cache2-sdpa", "kivi-4-g32", "kivi-4-g64", "kivi-3-g64", "kivi-2-g32",
         "kivi-2-g64", "quanto-4", "quanto-2", "sdpa-chunked",
     ],
 }

@@ -48,6 +48,8 @@ class CachedLauncher:
         return tuple(parts), tuple(sorted(kwargs.items()))
 
     def __getitem__(self, grid):
+        grid3 = tuple(grid) + (1,) * (3 - len(grid))  # the compiled handle indexes all three grid dimensions
+
         def launch(*args, **kwargs):
             if not self.ok or len(args) != self.n_runtime:
                 return self.fn[grid](*args, **kwargs)
@@ -58,7 +60,7 @@ class CachedLauncher:
                 if kernel is not None and hasattr(kernel, "__getitem__") and hasattr(kernel, "packed_metadata"):
                     self.compiled[key] = kernel
                 return kernel
-            kernel[grid](*args, *(kwargs.get(n, self.defaults[n]) for n in self.constexpr_names))
+            kernel[grid3](*args, *(kwargs.get(n, self.defaults[n]) for n in self.constexpr_names))
             return kernel
 
         return launch

@@ -1,0 +1,72 @@
+"""kernels/_launch.py: the cached compiled-kernel launch takes the same arguments as ``fn[grid](...)`` and falls back
+to the normal launch for any specialization it has not seen (checked here with a stand-in for a Triton kernel; the
+real kernels go through it in tests/gpu)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from hf_turbo.kernels._launch import CachedLauncher
+
+
+class FakeCompiled:
+    packed_metadata = None
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append(("compiled", grid, args))
+
+
+class FakeJit:
+    """Parameters: x (tensor), n (specialized int), m (not specialized int), BLOCK (constexpr, default 16)."""
+
+    def __init__(self):
+        p = lambda name, c=False, nospec=False, default=None: SimpleNamespace(  # noqa: E731
+            name=name, is_constexpr=c, do_not_specialize=nospec, default=default)
+        self.params = [p("x"), p("n"), p("m", nospec=True), p("BLOCK", c=True, default=16)]
+        self.arg_names = [q.name for q in self.params]
+        self.log = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append(("jit", grid, args, kwargs))
+            return FakeCompiled(self.log)
+
+        return run
+
+
+def test_cached_launch_reuses_only_the_same_specialization():
+    fn = FakeJit()
+    launch = CachedLauncher(fn)
+    x = torch.zeros(64)
+    launch[(4,)](x, 32, 7, BLOCK=32, num_warps=4)
+    assert fn.log[-1][0] == "jit"
+    launch[(5, 2)](x, 48, 9, BLOCK=32, num_warps=4)  # same key: n % 16 == 0, m not specialized
+    assert fn.log[-1] == ("compiled", (5, 2, 1), (x, 48, 9, 32))  # grid padded to 3, constexpr appended
+    launch[(5,)](x, 48, 9, num_warps=4)  # BLOCK left at its default: a different key
+    assert fn.log[-1][0] == "jit"
+    launch[(5,)](x, 48, 9, num_warps=4)
+    assert fn.log[-1] == ("compiled", (5, 1, 1), (x, 48, 9, 16))
+    for args in ((x, 33, 9), (x, 1, 9), (x[1:], 48, 9), (x.double(), 48, 9)):  # divisibility, ==1, alignment, dtype
+        n = len(fn.log)
+        launch[(5,)](*args, BLOCK=32, num_warps=4)
+        assert fn.log[n][0] == "jit", args
+    n = len(fn.log)
+    launch[(5,)](x, 48, 9, BLOCK=32, num_warps=8)  # launch options are part of the key
+    assert fn.log[n][0] == "jit"
+
+
+def test_interpreted_or_unknown_kernels_use_the_normal_launch():
+    calls = []
+
+    class Plain:  # no .params: e.g. Triton's interpreter
+        def __getitem__(self, grid):
+            return lambda *a, **k: calls.append(grid)
+
+    launch = CachedLauncher(Plain())
+    launch[(2,)](1, 2)
+    launch[(2,)](1, 2)
+    assert calls == [(2,), (2,)]
