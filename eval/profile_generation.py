@@ -5,14 +5,18 @@ DynamicCache, profiled with ``torch.profiler`` (issue 6).
 
 For each method and batch: the time per output token over ``--new`` greedy tokens (after a chunked prefill of the
 prompt), then a profile of ``--profile-steps`` further tokens: the top operators by self CPU time and by GPU time,
-the number of host-device synchronisations, kernel launches, and GPU busy time per token. Writes
+the number of host-device synchronisations, kernel launches, and GPU busy time per token, and the Python functions
+with the most own time (``cProfile``, the same number of tokens). Writes
 ``eval/results/profile_generation_<shape>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
+from pathlib import Path
 
 import torch
 from hf_turbo.eval.bench_throughput import SHAPES, attention_backends, build_model, make_cache, prefill
@@ -61,6 +65,18 @@ def _profile_method(model, method, batch, prompt, new, steps, device):
         model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, **gen)
         torch.cuda.synchronize()
     ev = prof.key_averages()
+    cache = make_cache(method, model)
+    prefill(model, ids, cache, 1024)
+    gen[ckw] = cache
+    py = cProfile.Profile()
+    py.enable()
+    model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, **gen)
+    torch.cuda.synchronize()
+    py.disable()
+    stats = pstats.Stats(py)
+    top_py = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:25]  # by own (total) time
+    top_python = [dict(function=f"{Path(f).name}:{line}:{name}", calls=nc, own_ms=tt * 1e3, cum_ms=ct * 1e3)
+                  for (f, line, name), (cc, nc, tt, ct, _) in top_py]
     syncs = sum(e.count for e in ev if e.key.startswith(SYNC_OPS))
     launches = sum(e.count for e in ev if e.key in LAUNCH_OPS)
     gpu_us = sum(getattr(e, "self_device_time_total", 0.0) for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -69,6 +85,7 @@ def _profile_method(model, method, batch, prompt, new, steps, device):
         profile_steps=steps, syncs_per_token=syncs / steps, launches_per_token=launches / steps,
         gpu_busy_ms_per_token=gpu_us / steps / 1e3,
         top_cpu=_top(ev, "self_cpu_time_total"), top_gpu=_top(ev, "self_device_time_total"),
+        top_python=top_python,
     )
 
 
@@ -100,6 +117,8 @@ def main(argv=None):
                 print("   cpu", e)
             for e in r["top_gpu"][:8]:
                 print("   gpu", e)
+            for e in r["top_python"][:15]:
+                print("   py", e)
     name = args.name or f"profile_generation_{args.shape}"
     path = write_result(
         name, rows, title=f"Decode step profile, {args.shape} ({args.dtype}), prompt {args.prompt}",
