@@ -55,7 +55,7 @@ def _load_comp_tile(kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz
 @triton.jit(do_not_specialize=["NSPLIT", "CAP", "n_comp", "T_seg", "seg_start", "q_start"])
 def _decode_kernel(
     q_ptr, sqb, sqh, sqs, sqd, q_mult, Hq,
-    acc_ptr, m_ptr, l_ptr, NSPLIT,
+    acc_ptr, m_ptr, l_ptr, NSPLIT, o_ptr, sob, soh, sos, sod,
     hmap_ptr, pad_ptr,
     kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, HB, CAP, n_comp,
     tk_ptr, stkb, stkh, stkt, stkd, tv_ptr, stvb, stvh, stvt, stvd, T_seg, seg_start,
@@ -68,7 +68,7 @@ def _decode_kernel(
     EXP_MODE: tl.constexpr, PV_MODE: tl.constexpr, N_R: tl.constexpr, Y_R: tl.constexpr,
     L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr, L4: tl.constexpr,
     L5: tl.constexpr, L6: tl.constexpr, L7: tl.constexpr, L8: tl.constexpr,
-    SKIP_EMPTY: tl.constexpr, PREFETCH: tl.constexpr, FOLD_V: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr, PREFETCH: tl.constexpr, FOLD_V: tl.constexpr, DIRECT: tl.constexpr,
 ):
     sp = tl.program_id(0)
     pid = tl.program_id(1)
@@ -170,10 +170,15 @@ def _decode_kernel(
             acc, m_i, l_i = online_update(acc, m_i, l_i, s, vis, v, vsc,
                                           EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8, SKIP_EMPTY,
                                           FOLD_V=FOLD_V)
-    prow = row * NSPLIT + sp
-    tl.store(m_ptr + prow, m_i, mask=rvalid)
-    tl.store(l_ptr + prow, l_i, mask=rvalid)
-    tl.store(acc_ptr + prow[:, None] * DP + d[None, :], acc, mask=rvalid[:, None])
+    if DIRECT:  # one program holds the whole context: normalize and write the output (no merge launch)
+        o = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+        tl.store(o_ptr + b * sob + hq[:, None] * soh + i[:, None] * sos + d[None, :] * sod,
+                 o.to(o_ptr.dtype.element_ty), mask=rvalid[:, None] & dm[None, :])
+    else:
+        prow = row * NSPLIT + sp
+        tl.store(m_ptr + prow, m_i, mask=rvalid)
+        tl.store(l_ptr + prow, l_i, mask=rvalid)
+        tl.store(acc_ptr + prow[:, None] * DP + d[None, :], acc, mask=rvalid[:, None])
 
 
 @triton.jit(do_not_specialize=["NSPLIT"])
@@ -212,9 +217,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_split(bsz: int, hkv: int, total_tiles: int, on_gpu: bool, mult: int = 4) -> int:
-    """Context splits per (sequence, KV head): enough programs for ``mult`` per SM, at least 4 tiles each."""
-    if not on_gpu:
+def choose_split(bsz: int, hkv: int, total_tiles: int, on_gpu: bool, mult: int = 4, direct_tiles: int = 64) -> int:
+    """Context splits per (sequence, KV head): enough programs for ``mult`` per SM, at least 4 tiles each. Contexts
+    of at most ``direct_tiles`` tiles are not split: one program per KV head writes the output itself, which saves
+    the merge launch (at those lengths the host's launch cost exceeds the GPU time a split would save)."""
+    if not on_gpu or total_tiles <= direct_tiles:
         return 1
     want = math.ceil(mult * _sm_count(torch.cuda.current_device()) / max(1, bsz * hkv))
     return max(1, min(want, total_tiles // 4 if total_tiles >= 8 else 1, 64))
@@ -231,13 +238,14 @@ def _head_maps(layer, device) -> dict:
 
 
 def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=None, split=None,
-                 num_warps=4, num_stages=2, prefetch=True, fold_v=True, split_mult=4):
+                 num_warps=4, num_stages=2, prefetch=True, fold_v=True, split_mult=4, direct_tiles=64):
     """Decode attention of ``query [B, Hq, Sq, D]`` over ``layer``: its blocks compressed before this step and its
-    FP16 tail (``layer._tail_k/_tail_v``, quantized per block inside the kernel). Two launches (three for mixed
-    bit-widths): the decode kernel per pool, then the log-sum-exp merge, which writes the output in
-    ``[B, Sq, Hq, D]`` memory order (returned as a ``[B, Hq, Sq, D]`` view: transformers' layout is then free).
+    FP16 tail (``layer._tail_k/_tail_v``, quantized per block inside the kernel). One decode launch per bit-width
+    pool, then (when the context is split) the log-sum-exp merge; the output is written in ``[B, Sq, Hq, D]`` memory
+    order (returned as a ``[B, Hq, Sq, D]`` view: transformers' layout is then free).
 
-    ``split``: context splits (default :func:`choose_split` with ``split_mult`` programs per SM); ``prefetch``: issue
+    ``split``: context splits (default :func:`choose_split` with ``split_mult`` programs per SM; none up to
+    ``direct_tiles`` tiles, where the decode kernel normalizes and writes the output itself); ``prefetch``: issue
     the next packed tile's reads before computing on this one; ``fold_v``: FP16 PV on the INT8 codes with the V
     scale applied after the product; ``num_warps``/``num_stages``: Triton launch options (bench_decode_tuning)."""
     turbo = layer.turbo
@@ -251,12 +259,17 @@ def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=Non
     tk, tv = layer._tail_k, layer._tail_v
     t_seg = tk.shape[2] if tk is not None else 0
     total_tiles = n_comp * (bs // turbo.block_n) + triton.cdiv(t_seg, bs)
-    nsplit = split or choose_split(bsz, hkv, total_tiles, query.is_cuda, split_mult)
+    nsplit = split or choose_split(bsz, hkv, total_tiles, query.is_cuda, split_mult, direct_tiles)
     dp = next_pow2(d)
     dev = query.device
-    acc = torch.empty(bsz, hq, sq, nsplit, dp, dtype=torch.float32, device=dev)
-    m = torch.empty(bsz, hq, sq, nsplit, dtype=torch.float32, device=dev)
-    l = torch.empty(bsz, hq, sq, nsplit, dtype=torch.float32, device=dev)
+    out = torch.empty(bsz, sq, hq, d, dtype=query.dtype, device=dev).transpose(1, 2)
+    direct = nsplit == 1
+    if direct:
+        acc = m = l = out  # unused
+    else:
+        acc = torch.empty(bsz, hq, sq, nsplit, dp, dtype=torch.float32, device=dev)
+        m = torch.empty(bsz, hq, sq, nsplit, dtype=torch.float32, device=dev)
+        l = torch.empty(bsz, hq, sq, nsplit, dtype=torch.float32, device=dev)
     block_m = max(16, next_pow2(g * sq))
     for bits, hmap in _head_maps(layer, dev).items():
         hb = hmap.numel()
@@ -268,17 +281,19 @@ def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=Non
             cp = (hmap,) * 8 + (hb, 1, 0)
         tail = (tk, *tk.stride(), tv, *tv.stride(), t_seg, n_comp * bs) if t_seg else (hmap, 0, 0, 0, 0) * 2 + (0, 0)
         _DECODE[(nsplit, bsz * hb)](
-            query, *query.stride(), q_mult, hq, acc, m, l, nsplit, hmap, pad if pad is not None else hmap,
+            query, *query.stride(), q_mult, hq, acc, m, l, nsplit, out, *out.stride(), hmap,
+            pad if pad is not None else hmap,
             *cp, *tail, sq, n_comp * bs + t_seg - sq, d, int(sliding_window) if sliding_window is not None else 0,
             G=g, QB=turbo.block_m, BS=bs, BLOCK_M=block_m, BLOCK_N=turbo.block_n, DP=dp,
             BITS=bits, K_CHANNEL=turbo.k_axis == "channel", V_CHANNEL=turbo.v_axis == "channel",
             HAS_COMP=n_comp > 0, HAS_SEG=t_seg > 0,
             CAUSAL=bool(causal), HAS_PAD=pad is not None, HAS_WINDOW=sliding_window is not None,
             PV_MODE=PV_MODES[turbo.pv], SKIP_EMPTY=turbo.exp == "sas", **exp_c,
-            PREFETCH=bool(prefetch), FOLD_V=bool(fold_v) and turbo.pv == "fp16",
+            PREFETCH=bool(prefetch), FOLD_V=bool(fold_v) and turbo.pv == "fp16", DIRECT=direct,
             num_warps=num_warps, num_stages=num_stages,
         )
-    out = torch.empty(bsz, sq, hq, d, dtype=query.dtype, device=dev).transpose(1, 2)
+    if direct:
+        return out
     _MERGE[(bsz * hq * sq,)](
         acc, m, l, out, *out.stride(), hq, sq, nsplit, d, 1.0 if exp_c["EXP_MODE"] != 1 else LOG2E,
         NSP=max(2, next_pow2(nsplit)), DP=dp, num_warps=4,

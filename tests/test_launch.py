@@ -6,18 +6,25 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
+from hf_turbo.kernels import _launch
 from hf_turbo.kernels._launch import CachedLauncher
 
 
 class FakeCompiled:
-    packed_metadata = None
+    packed_metadata = "meta"
+    function = "fn"
 
     def __init__(self, log):
         self.log = log
 
-    def __getitem__(self, grid):
+    def __getitem__(self, grid):  # Triton's runner for a compiled kernel
         return lambda *args: self.log.append(("compiled", grid, args))
+
+    def run(self, gx, gy, gz, stream, function, meta, launch_metadata, enter_hook, exit_hook, *args):
+        assert (function, meta, launch_metadata, enter_hook, exit_hook) == ("fn", "meta", None, None, None)
+        self.log.append(("compiled", (gx, gy, gz), args, stream))
 
 
 class FakeJit:
@@ -38,18 +45,24 @@ class FakeJit:
         return run
 
 
-def test_cached_launch_reuses_only_the_same_specialization():
+@pytest.mark.parametrize("direct", [False, True])
+def test_cached_launch_reuses_only_the_same_specialization(direct, monkeypatch):
+    """Both launch routes of a cached kernel: Triton's runner, and (Triton 3.6) the compiled launcher directly."""
+    monkeypatch.setattr(_launch, "_DIRECT_RUN", direct)
+    monkeypatch.setattr(_launch, "_current_stream", lambda: 7)
     fn = FakeJit()
     launch = CachedLauncher(fn)
     x = torch.zeros(64)
     launch[(4,)](x, 32, 7, BLOCK=32, num_warps=4)
     assert fn.log[-1][0] == "jit"
     launch[(5, 2)](x, 48, 9, BLOCK=32, num_warps=4)  # same key: n % 16 == 0, m not specialized
-    assert fn.log[-1] == ("compiled", (5, 2, 1), (x, 48, 9, 32))  # grid padded to 3, constexpr appended
+    # grid padded to 3, constexpr appended; the direct route also passes the current stream
+    assert fn.log[-1][:3] == ("compiled", (5, 2, 1), (x, 48, 9, 32))
+    assert fn.log[-1][3:] == ((7,) if direct else ())
     launch[(5,)](x, 48, 9, num_warps=4)  # BLOCK left at its default: a different key
     assert fn.log[-1][0] == "jit"
     launch[(5,)](x, 48, 9, num_warps=4)
-    assert fn.log[-1] == ("compiled", (5, 1, 1), (x, 48, 9, 16))
+    assert fn.log[-1][:3] == ("compiled", (5, 1, 1), (x, 48, 9, 16))
     for args in ((x, 33, 9), (x, 1, 9), (x[1:], 48, 9), (x.double(), 48, 9)):  # divisibility, ==1, alignment, dtype
         n = len(fn.log)
         launch[(5,)](*args, BLOCK=32, num_warps=4)
