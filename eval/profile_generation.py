@@ -61,10 +61,12 @@ def _profile_method(model, method, batch, prompt, new, steps, device):
     prefill(model, ids, cache, 1024)
     gen[ckw] = cache
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=acts, with_stack=True) as prof:
         model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, **gen)
         torch.cuda.synchronize()
     ev = prof.key_averages()
+    sync_stacks = [dict(name=e.key, calls=e.count, stack=[f for f in e.stack if "hf_turbo" in f or "transformers" in f][:6])
+                   for e in prof.key_averages(group_by_stack_n=12) if e.key.startswith(SYNC_OPS)]
     cache = make_cache(method, model)
     prefill(model, ids, cache, 1024)
     gen[ckw] = cache
@@ -85,7 +87,7 @@ def _profile_method(model, method, batch, prompt, new, steps, device):
         profile_steps=steps, syncs_per_token=syncs / steps, launches_per_token=launches / steps,
         gpu_busy_ms_per_token=gpu_us / steps / 1e3,
         top_cpu=_top(ev, "self_cpu_time_total"), top_gpu=_top(ev, "self_device_time_total"),
-        top_python=top_python,
+        top_python=top_python, sync_stacks=sorted(sync_stacks, key=lambda x: -x["calls"])[:12],
     )
 
 
@@ -119,6 +121,8 @@ def main(argv=None):
                 print("   gpu", e)
             for e in r["top_python"][:15]:
                 print("   py", e)
+            for e in r["sync_stacks"]:
+                print("   sync", e)
     name = args.name or f"profile_generation_{args.shape}"
     path = write_result(
         name, rows, title=f"Decode step profile, {args.shape} ({args.dtype}), prompt {args.prompt}",

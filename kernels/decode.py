@@ -259,7 +259,11 @@ def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=Non
     tk, tv = layer._tail_k, layer._tail_v
     t_seg = tk.shape[2] if tk is not None else 0
     total_tiles = n_comp * (bs // turbo.block_n) + triton.cdiv(t_seg, bs)
-    nsplit = split or choose_split(bsz, hkv, total_tiles, query.is_cuda, split_mult, direct_tiles)
+    maps = _head_maps(layer, query.device)
+    # programs per launch: each bit-width pool is its own launch, so the smallest pool decides how many splits fill
+    # the GPU (mixed precision would otherwise run two half-empty launches)
+    hb_min = min(hmap.numel() for hmap in maps.values())
+    nsplit = split or choose_split(bsz, hb_min, total_tiles, query.is_cuda, split_mult, direct_tiles)
     dp = next_pow2(d)
     dev = query.device
     out = torch.empty(bsz, sq, hq, d, dtype=query.dtype, device=dev).transpose(1, 2)
@@ -271,7 +275,7 @@ def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=Non
         m = torch.empty(bsz, hq, sq, nsplit, dtype=torch.float32, device=dev)
         l = torch.empty(bsz, hq, sq, nsplit, dtype=torch.float32, device=dev)
     block_m = max(16, next_pow2(g * sq))
-    for bits, hmap in _head_maps(layer, dev).items():
+    for bits, hmap in maps.items():
         hb = hmap.numel()
         if n_comp:
             pool = layer.pools[bits]
