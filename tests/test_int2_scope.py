@@ -12,6 +12,7 @@ import pytest
 import torch
 from hf_turbo.calibration import Calibration, apply_calibration, calibrate, load_calibration
 from hf_turbo.calibration import cli as calib_cli
+from test_calibration import _tiny_llama  # one tiny-Llama builder for the calibration tests
 
 import hf_turbo  # noqa: F401
 from hf_turbo import TurboConfig, TurboQuantCache
@@ -108,20 +109,11 @@ def test_tensor_parallel_rank_gets_its_slice(monkeypatch):
     assert [layer.head_bits.tolist() for layer in cache.layers] == [[4, 2], [2, 4]]
 
 
-def _tiny_llama(layers=3, kv_heads=2, heads=4, head_dim=16, vocab=128):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                      max_position_embeddings=512)
-    return LlamaForCausalLM(cfg).eval()
-
-
 def test_calibration_round_trip_keeps_scope(tmp_path):
     from hf_turbo.eval.perplexity import cache_kwarg
     from transformers import AutoModelForCausalLM
 
-    model = _tiny_llama()
+    model = _tiny_llama(layers=3)
     cal = calibrate(model, samples=torch.randint(0, 128, (2, 64)), int2_heads=2, int2_scope="model",
                     int2_normalize="layer_mean", progress=False)
     assert cal.num_low_heads() == 2 and sum(row.count(2) for row in cal.head_bits()) == 2
@@ -142,7 +134,7 @@ def test_calibration_round_trip_keeps_scope(tmp_path):
     # a file written before the scope existed reads as per-layer; apply_calibration can override the scope
     old = {k: v for k, v in back.to_dict().items() if k not in ("int2_scope", "int2_normalize")}
     assert Calibration.from_dict(old).int2_scope == "layer"
-    fresh = apply_calibration(_tiny_llama(), Calibration.from_dict(old), int2_scope="model")
+    fresh = apply_calibration(_tiny_llama(layers=3), Calibration.from_dict(old), int2_scope="model")
     assert fresh.config.turbo_config["int2_scope"] == "model"
     with pytest.raises(ValueError, match="int2_scope"):
         Calibration.from_dict({**old, "int2_scope": "global"})

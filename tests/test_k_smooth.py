@@ -25,10 +25,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_cache import _bpq_bound  # the BPQ error bound, one definition
 
 from hf_turbo import TurboConfig, TurboQuantCache, ops
 from hf_turbo.cache import resolve_turbo_config
-from hf_turbo.quant import exact_attention, quantize_int8_blocks, quantize_stage2
+from hf_turbo.quant import exact_attention
 
 BS = 64
 D = 64
@@ -45,16 +46,6 @@ def _offset_keys(b, h, t, off, n_ch=4):
     k = torch.randn(b, h, t, D)
     k[..., torch.randperm(D)[:n_ch]] += off
     return k
-
-
-def _bpq_bound(x: torch.Tensor, bits: int, axis: str) -> torch.Tensor:
-    """Per-element error bound of BPQ on whole blocks of ``x`` ([B, H, nb*64, D]): step * (s2 / 2 + 1/2)."""
-    b, h, t, d = x.shape
-    x8, scale = quantize_int8_blocks(x, BS)
-    st = quantize_stage2(x8.view(b, h, t // BS, BS, d), bits, axis)
-    s2 = st.scale.double().unsqueeze(-2 if axis == "channel" else -1)
-    bound = scale.double()[..., None, None] * (s2 / 2 + 0.5 + 1e-4)
-    return bound.expand(b, h, t // BS, BS, d).reshape(b, h, t, d)
 
 
 def _two_steps(cache, k, v, n_new):
