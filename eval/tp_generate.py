@@ -155,6 +155,9 @@ def main(argv=None) -> int:
                             extra={"detail": record}, out_dir=Path(args.out_dir) if args.out_dir else None)
         print(json.dumps(rows), "->", path)
     if dist.is_initialized():
+        # every rank waits for rank 0's write: a rank that tears gloo down while its peer still runs aborts
+        # ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 

@@ -585,12 +585,13 @@ class TurboQuantCache(Cache):
         return self.fp16_nbytes() / own if own else float("nan")
 
     def memory_report(self) -> dict[str, Any]:
-        """A dict for reports: tokens, bytes, FP16 bytes, ratio, allocated bytes, head bit-widths per layer, the INT2
+        """A dict for reports: tokens, tokens in compressed blocks (the rest are in the FP16 buffer), bytes, FP16 bytes, ratio, allocated bytes, head bit-widths per layer, the INT2
         scope and the number of low-bit heads per layer (this process's heads under tensor parallelism)."""
         head_bits = [None if layer.head_bits is None else layer.head_bits.tolist() for layer in self.layers]
         low = self.turbo.low_bits if self.turbo.bits != self.turbo.low_bits else None
         return {
             "tokens": self.get_seq_length(),
+            "compressed_tokens": self.layers[0].n_blocks * self.turbo.block_size if self.layers else 0,
             "kv_bytes": self.nbytes(),
             "kv_bytes_allocated": sum(layer.allocated_nbytes() for layer in self.layers),
             "fp16_bytes": self.fp16_nbytes(),

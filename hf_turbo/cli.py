@@ -71,11 +71,6 @@ def _run_generate(args) -> int:
     for r in reports:
         print(f"[{r.method}] {r.answer}\n")
     print(format_reports(reports))
-    if args.compare:
-        same = reports[0].new_token_ids == reports[1].new_token_ids
-        n = min(len(reports[0].new_token_ids), len(reports[1].new_token_ids))
-        agree = sum(a == b for a, b in zip(reports[0].new_token_ids, reports[1].new_token_ids)) / max(n, 1)
-        print(f"{'same tokens as SDPA':<26}  {'yes' if same else f'no ({agree:.0%} position-wise)':>14}")
     return 0
 
 

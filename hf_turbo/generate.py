@@ -35,6 +35,7 @@ class GenerationReport:
     fp16_kv_bytes: int
     compression_ratio: float
     new_token_ids: list[int]
+    compressed_tokens: int | None = None  # tokens in compressed blocks (turbo); the rest sit in the FP buffer
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,7 +103,8 @@ def run_generation(
 ) -> GenerationReport:
     """Greedy generation with ``method`` "turbo" (turbo attention + a fresh TurboQuantCache) or "sdpa" (SDPA +
     DynamicCache, the baseline). The model's attention implementation is switched in place for the call and
-    restored afterwards. Prefill is timed as a 1-token generation; decode time is the rest."""
+    restored afterwards. After an untimed warm-up, prefill is timed as a 1-token generation and decode time is the
+    rest of a full generation (tokens/s is NaN when that difference is not positive: too few tokens to time)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if max_new_tokens < 1:
@@ -118,6 +120,7 @@ def run_generation(
 
         gen_kw = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id, attention_mask=torch.ones_like(ids))
         ckw = cache_kwarg()
+        model.generate(ids, max_new_tokens=1, **{ckw: make_cache()}, **gen_kw)  # warm-up: one-time costs untimed
         _sync(device)
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=1, **{ckw: make_cache()}, **gen_kw)
@@ -132,7 +135,7 @@ def run_generation(
         model.set_attn_implementation(previous)
     new = out[0, ids.shape[1] :]
     n_new = int(new.numel())
-    decode_s = max(total_s - prefill_s, 1e-9)
+    decode_s = total_s - prefill_s
     kv_bytes, fp16_bytes = cache_bytes(cache), fp16_kv_bytes(model, cache.get_seq_length())
     return GenerationReport(
         method=method,
@@ -141,16 +144,17 @@ def run_generation(
         new_tokens=n_new,
         prefill_s=prefill_s,
         decode_s=decode_s,
-        tokens_per_s=(n_new - 1) / decode_s if n_new > 1 else float("nan"),
+        tokens_per_s=(n_new - 1) / decode_s if n_new > 1 and decode_s > 0 else float("nan"),
         kv_bytes=int(kv_bytes),
         fp16_kv_bytes=int(fp16_bytes),
         compression_ratio=fp16_bytes / kv_bytes if kv_bytes else float("nan"),
         new_token_ids=new.tolist(),
+        compressed_tokens=cache.memory_report()["compressed_tokens"] if method == "turbo" else None,
     )
 
 
 def format_reports(reports: list[GenerationReport]) -> str:
-    """A short side-by-side table of the reports."""
+    """A short side-by-side table of the reports (with two, whether the second's greedy tokens equal the first's)."""
     rows = [
         ("method", [r.method for r in reports]),
         ("prompt / new tokens", [f"{r.prompt_tokens} / {r.new_tokens}" for r in reports]),
@@ -159,6 +163,13 @@ def format_reports(reports: list[GenerationReport]) -> str:
         ("KV bytes", [f"{r.kv_bytes:,}" for r in reports]),
         ("FP16 KV bytes, same tokens", [f"{r.fp16_kv_bytes:,}" for r in reports]),
         ("compression vs FP16", [f"{r.compression_ratio:.2f}x" for r in reports]),
+        ("tokens in compressed blocks", ["-" if r.compressed_tokens is None else
+                                         f"{r.compressed_tokens} of {r.prompt_tokens + r.new_tokens - 1}"
+                                         for r in reports]),
     ]
+    if len(reports) == 2:  # turbo vs the baseline: do the greedy tokens agree?
+        a, b = reports[0].new_token_ids, reports[1].new_token_ids
+        agree = sum(x == y for x, y in zip(a, b)) / max(min(len(a), len(b)), 1)
+        rows.append((f"same tokens as {reports[1].method}", ["yes" if a == b else f"no ({agree:.0%} pos.)"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  " + "  ".join(f"{v:>14}" for v in vals) for k, vals in rows)

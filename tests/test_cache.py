@@ -306,13 +306,14 @@ def test_memory_ratio_all_4bit_at_1k_tokens(d):
     ratio = cache.compression_ratio()
     assert ratio >= 3.5, ratio  # 3.76 (d=64) / 3.82 (d=128): 4-bit codes + scales, zero points
     report = cache.memory_report()
-    assert report["compression_ratio"] == ratio and report["tokens"] == 1024
+    assert report["compression_ratio"] == ratio and report["tokens"] == 1024 and report["compressed_tokens"] == 1024
     assert report["kv_bytes_allocated"] >= report["kv_bytes"]
 
     # the buffer counts: 10 more tokens are FP16 until the next flush
     _fill(cache, [_kv(b=b, h=h, t=10, d=d, dtype=torch.float16)])
     assert cache.nbytes() == 2 * _expected_nbytes(b, h, 16, 10, d, [4] * h)
     assert cache.compression_ratio() < ratio
+    assert cache.memory_report()["compressed_tokens"] == 1024 and cache.memory_report()["tokens"] == 1034
 
 
 def test_memory_mixed_precision_and_noquant():

@@ -100,3 +100,39 @@ def test_turbo_no_cache_agreement_and_perplexity(smollm2, sample):
     msg = f"measured {r}"
     assert r["top1_agreement"] >= 0.93, msg
     assert abs(r["ppl_delta_pct"]) <= 2.0, msg
+
+
+README_PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+def test_cli_generate_compare_readme_prompt(capsys):
+    """The README's main command (``hf-turbo generate PROMPT --compare``) on the embedded model: turbo answers like
+    SDPA, and the report's byte counts add up (the 49 tokens are all in the FP buffer: no block is full yet)."""
+    import json
+
+    from hf_turbo.cli import main
+
+    assert main(["generate", README_PROMPT, "--compare", "--max-new-tokens", "8", "--device", "cpu", "--json"]) == 0
+    turbo, sdpa = json.loads(capsys.readouterr().out)
+    assert (turbo["method"], sdpa["method"]) == ("turbo", "sdpa")
+    assert "Paris" in turbo["answer"] and turbo["new_token_ids"] == sdpa["new_token_ids"]
+    tokens = turbo["prompt_tokens"] + turbo["new_tokens"] - 1  # the last token is sampled, never cached
+    assert tokens < 64 and turbo["compressed_tokens"] == 0 and sdpa["compressed_tokens"] is None
+    assert turbo["fp16_kv_bytes"] == sdpa["fp16_kv_bytes"] > 0 and turbo["kv_bytes"] > 0
+    assert turbo["prefill_s"] > 0 and turbo["tokens_per_s"] > 0
+
+
+def test_format_reports_table_rows():
+    from hf_turbo.generate import GenerationReport, format_reports
+
+    def report(method, ids, compressed):
+        return GenerationReport(method=method, answer="", prompt_tokens=100, new_tokens=len(ids), prefill_s=0.1,
+                                decode_s=float("nan"), tokens_per_s=float("nan"), kv_bytes=10, fp16_kv_bytes=40,
+                                compression_ratio=4.0, new_token_ids=ids, compressed_tokens=compressed)
+
+    table = format_reports([report("turbo", [1, 2, 3, 4], 64), report("sdpa", [1, 2, 9, 9], None)])
+    lines = {line.split("  ")[0].strip(): line for line in table.splitlines()}
+    assert "64 of 103" in lines["tokens in compressed blocks"]
+    assert "no (50% pos.)" in lines["same tokens as sdpa"] and "nan" in lines["decode tokens/s"]
+    assert "same tokens as" in format_reports([report("turbo", [1], 0), report("sdpa", [1], None)])
+    assert "same tokens as" not in format_reports([report("turbo", [1], 0)])

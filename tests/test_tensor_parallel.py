@@ -20,7 +20,7 @@ def tiny_dir(tmp_path_factory):
 def _run_tp2(model_dir, out_dir, extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "hf_turbo.eval.tp_generate", "--model-dir", str(model_dir), "--device", "cpu", "--dtype", "float32",
            "--prompt-len", "150", "--new-tokens", "8", "--out-dir", str(out_dir), "--save-logits", *extra]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
