@@ -293,9 +293,8 @@ def main(argv=None) -> int:
             f"oracle-eval is measured on the evaluation samples themselves (a bound, not a method). The 'all heads' rows "
             f"split the INT2 error into its K and V parts (attention error with only K, or only V, at 2 bits)."
         )
-        command = "python -m hf_turbo.calibration.ablation " + " ".join(sys.argv[1:])
         path = write_result(args.name, rows, title=f"INT2 head selection: {describe_model(model, args.model)}",
-                            columns=cols, notes=notes, extra=extra, command=command,
+                            columns=cols, notes=notes, extra=extra,
                             out_dir=Path(args.out_dir) if args.out_dir else None)
         print(f"wrote {path}")
         if args.plot:

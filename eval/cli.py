@@ -127,10 +127,9 @@ def _chunk_check(model, tokens, settings, plan, priorities, args) -> int:
             "accuracy tables) or one per call (a true teacher-forced decode through the cache). Close values mean "
             "the chunked numbers stand for decoding."
         )
-        command = "hf-turbo eval " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
         path = write_result(args.name, rows, title="Chunked (64) vs token-by-token (1) scoring through the cache",
                             columns=["chunk", "setting", "kv_bits", "ppl", "ppl_delta_pct", "top1_agree", "kl"],
-                            notes=notes, extra={"protocol": {**plan, "text": args.text}}, command=command,
+                            notes=notes, extra={"protocol": {**plan, "text": args.text}}, 
                             out_dir=Path(args.out_dir) if args.out_dir else None)
         print(f"wrote {path}")
     return 0
@@ -178,11 +177,10 @@ def write_accuracy(rows, args, plan, calib_meta, model) -> Path:
     if calib_meta:
         notes += f" Calibrated priorities: gap x std of K on `{calib_meta.get('text')}` ({calib_meta.get('tokens')} tokens)."
     cols = ["label", "kv_bits", "ppl", "ppl_delta_pct", "top1_agree", "kl"]
-    command = "hf-turbo eval " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
     return write_result(
         args.name, rows, title=f"Accuracy on real text: {describe_model(model, args.model)}", columns=cols, notes=notes,
         extra={"protocol": {**plan, "chunk": args.chunk, "text": args.text}, "calibration": calib_meta},
-        command=command, out_dir=Path(args.out_dir) if args.out_dir else None,
+        out_dir=Path(args.out_dir) if args.out_dir else None,
     )
 
 

@@ -115,6 +115,16 @@ SETTINGS: dict[str, Setting] = {
         _t("turbo-mixed-model33-norm-calib-default", "turbo 2/4 mixed, 1/3 of all heads INT2 ranked model-wide "
            "(priority / layer mean), calibrated, exp2 + FP16 P", int2_fraction=1 / 3, int2_scope="model",
            int2_normalize="layer_mean", priorities="calibrated", **DEFAULT),
+        _t("turbo-4bit-default-r128", "turbo 4-bit KV, default preset, newest 128 tokens uncompressed (residual)",
+           bits=4, residual_length=128, **DEFAULT),
+        _t("turbo-mixed-model25-calib-default-r128", "turbo 2/4 mixed, 25% of all heads INT2 ranked model-wide, "
+           "calibrated, exp2 + FP16 P, residual 128", int2_fraction=0.25, int2_scope="model", priorities="calibrated",
+           residual_length=128, **DEFAULT),
+        _t("turbo-mixed-model25-calib-default-r64", "turbo 2/4 mixed, 25% of all heads INT2 ranked model-wide, "
+           "calibrated, exp2 + FP16 P, residual 64", int2_fraction=0.25, int2_scope="model", priorities="calibrated",
+           residual_length=64, **DEFAULT),
+        _t("turbo-mixed1-calib-default-r128", "turbo 2/4 mixed, 1 INT2 head/layer, calibrated, exp2 + FP16 P, "
+           "residual 128", int2_heads=1, priorities="calibrated", residual_length=128, **DEFAULT),
         _t("turbo-mixed2-online", "turbo 2/4 mixed, 2 INT2 heads/layer, online", int2_heads=2, **PAPER),
         _t("turbo-mixed2-calib", "turbo 2/4 mixed, 2 INT2 heads/layer, calibrated", int2_heads=2,
            priorities="calibrated", **PAPER),
@@ -132,6 +142,10 @@ SETTINGS: dict[str, Setting] = {
                 label="TurboQuantCache mixed 1 INT2/layer calibrated, no K smoothing, read by SDPA"),
         Setting("cache2-sdpa", "turbo_cache_sdpa", turbo={"bits": 2},
                 label="TurboQuantCache 2-bit read by exact SDPA (cache error only)"),
+        Setting("cache4-sdpa-r128", "turbo_cache_sdpa", turbo={"bits": 4, "residual_length": 128},
+                label="TurboQuantCache 4-bit, residual 128, read by exact SDPA (like KIVI r128)"),
+        Setting("cache2-sdpa-r128", "turbo_cache_sdpa", turbo={"bits": 2, "residual_length": 128},
+                label="TurboQuantCache 2-bit, residual 128, read by exact SDPA (like KIVI r128)"),
         Setting("kivi-4-g32", "kivi", kivi={"nbits": 4, "group_size": 32}, label="KIVI 4-bit g32 r128"),
         Setting("kivi-4-g64", "kivi", kivi={"nbits": 4, "group_size": 64}, label="KIVI 4-bit g64 r128"),
         Setting("kivi-3-g64", "kivi", kivi={"nbits": 3, "group_size": 64}, label="KIVI 3-bit g64 r128"),
@@ -148,14 +162,15 @@ SUITES: dict[str, list[str]] = {
     "ci": ["fp", "turbo-prefill", "turbo-4bit", "turbo-mixed1-online", "kivi-4-g64"],
     "full": [
         "fp", "turbo-prefill", "turbo-prefill-exp2", "turbo-prefill-default", "turbo-int8", "turbo-4bit",
-        "turbo-4bit-exp2", "turbo-4bit-pvfp16", "turbo-4bit-default", "turbo-4bit-default-nosmooth",
-        "turbo-4bit-nr4", "turbo-4bit-nr5", "turbo-4bit-nr8", "turbo-4bit-nr8-pvfp16", "turbo-mixed1-online",
-        "turbo-mixed1-calib", "turbo-mixed1-calib-default", "turbo-mixed1-calib-default-nosmooth",
-        "turbo-mixed-model25-calib-default", "turbo-mixed-model33-calib-default",
-        "turbo-mixed-model25-norm-calib-default", "turbo-mixed-model33-norm-calib-default", "turbo-mixed2-online",
-        "turbo-mixed2-calib", "turbo-2bit", "cache4-sdpa", "cache4-sdpa-nosmooth", "cache-mixed1-calib-sdpa",
-        "cache-mixed1-calib-sdpa-nosmooth", "cache2-sdpa", "kivi-4-g32", "kivi-4-g64", "kivi-3-g64", "kivi-2-g32",
-        "kivi-2-g64", "quanto-4", "quanto-2", "sdpa-chunked",
+        "turbo-4bit-exp2", "turbo-4bit-pvfp16", "turbo-4bit-default", "turbo-4bit-default-nosmooth", "turbo-4bit-nr4",
+        "turbo-4bit-nr5", "turbo-4bit-nr8", "turbo-4bit-nr8-pvfp16", "turbo-mixed1-online", "turbo-mixed1-calib",
+        "turbo-mixed1-calib-default", "turbo-mixed1-calib-default-nosmooth", "turbo-mixed-model25-calib-default",
+        "turbo-mixed-model33-calib-default", "turbo-mixed-model25-norm-calib-default",
+        "turbo-mixed-model33-norm-calib-default", "turbo-4bit-default-r128", "turbo-mixed-model25-calib-default-r64", "turbo-mixed-model25-calib-default-r128",
+        "turbo-mixed1-calib-default-r128", "turbo-mixed2-online", "turbo-mixed2-calib", "turbo-2bit", "cache4-sdpa",
+        "cache4-sdpa-nosmooth", "cache-mixed1-calib-sdpa", "cache-mixed1-calib-sdpa-nosmooth", "cache2-sdpa",
+        "cache4-sdpa-r128", "cache2-sdpa-r128", "kivi-4-g32", "kivi-4-g64", "kivi-3-g64", "kivi-2-g32", "kivi-2-g64",
+        "quanto-4", "quanto-2", "sdpa-chunked",
     ],
 }
 

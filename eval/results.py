@@ -45,6 +45,21 @@ def environment() -> dict[str, Any]:
     return {"device": device, "versions": versions}
 
 
+def invocation() -> str:
+    """The command line as the user typed it: ``hf-turbo eval --suite full``, ``python -m hf_turbo.eval.x --flag``."""
+    args = " ".join(sys.argv[1:])
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:  # python -m package.module
+        name = spec.name.removesuffix(".__main__")
+        prog = f"python -m {name}"
+    else:
+        prog = Path(sys.argv[0]).name  # a console script (hf-turbo) or python script.py
+        if prog.endswith(".py"):
+            prog = f"python {sys.argv[0]}"
+    return f"{prog} {args}".strip()
+
+
 def write_result(
     name: str,
     rows: list[dict[str, Any]],
@@ -66,7 +81,7 @@ def write_result(
     record = {
         "name": name,
         "title": title,
-        "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command or invocation(),
         **environment(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "columns": columns or (list(rows[0]) if rows else []),

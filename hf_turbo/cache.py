@@ -4,7 +4,8 @@ Per layer (:class:`TurboLayer`, a ``DynamicLayer``):
 
 * new K/V tokens go to an FP16 buffer (the model's dtype); every full block of ``block_size`` (64) tokens goes
   through BPQ — INT8 per (head, block), then ``bits``-bit codes with integer scale/zero — into block pools; the
-  remainder stays in the buffer. Flushes happen a whole block at a time, never per token.
+  remainder stays in the buffer. Flushes happen a whole block at a time, never per token. With
+  ``residual_length`` R > 0 the newest R tokens are never flushed (KIVI's residual): blocks go only once R + 64 wait.
 * heads are split by priority (gap x std, :mod:`hf_turbo.quant.priority`): the ``n_low`` lowest go to ``low_bits``
   (INT2), the rest to ``bits`` (INT4). Priorities come from calibration (``config.turbo_config["priorities"]``) or,
   without one, from the first prefill's keys (online). Each bit-width has its own pool, so no kernel branches on it.
@@ -302,7 +303,7 @@ class TurboLayer(DynamicLayer):
         tail_k = torch.cat([self.buffer_k, key_states], dim=-2)
         tail_v = torch.cat([self.buffer_v, value_states], dim=-2)
         bs = self.turbo.block_size
-        n_full = tail_k.shape[-2] // bs
+        n_full = max(tail_k.shape[-2] - self.turbo.residual_length, 0) // bs  # the newest residual_length stay
         if n_full:
             self._compress(tail_k[:, :, : n_full * bs], tail_v[:, :, : n_full * bs])
             # copy the remainder: a view would keep the whole (possibly long) tail alive

@@ -36,6 +36,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--compare", action="store_true", help="also run SDPA + DynamicCache and report side by side")
     p.add_argument("--int2-fraction", type=float, default=None, help="fraction of KV heads stored in INT2")
     p.add_argument("--bits", type=int, default=None, choices=(2, 4, 8), help="bit-width of the other heads")
+    p.add_argument("--residual-length", type=int, default=None,
+                   help="newest tokens kept uncompressed (default 0: only the 64-token buffer)")
     p.add_argument("--preset", default=None, help="TurboConfig preset: default, paper, int4, mixed, noquant")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"))
@@ -57,6 +59,8 @@ def _run_generate(args) -> int:
         overrides["int2_fraction"] = args.int2_fraction
     if args.bits is not None:
         overrides["bits"] = args.bits
+    if args.residual_length is not None:
+        overrides["residual_length"] = args.residual_length
     TurboConfig(**overrides)  # validate before the slow model load
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, tok = load_model(args.model, attn_implementation="turbo", dtype=dtype, device=args.device)

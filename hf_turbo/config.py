@@ -33,6 +33,10 @@ class TurboConfig:
         quantize: False turns every quantization off (FP16 cache, exact softmax): a plumbing mode for tests that
             must match SDPA + DynamicCache token for token.
         block_size: tokens per quantization block, and the size of the FP16 decode buffer (paper: 64).
+        residual_length: newest tokens that are never compressed (KIVI's residual, [I]; default 0, the paper): a
+            block is flushed only once ``residual_length + block_size`` tokens wait in the buffer, so the buffer
+            holds between ``residual_length`` and ``residual_length + block_size - 1`` tokens. Costs
+            ``residual_length`` FP16 tokens per sequence and layer; the kernels read the longer buffer as usual.
         bits: bit-width of the high-priority KV heads in the cache (4; 8 keeps stage-1 INT8 only; 2 for all heads).
         low_bits: bit-width of the low-priority heads (paper: 2).
         int2_fraction: fraction of the KV heads stored at ``low_bits`` (lowest priority first): of every layer
@@ -72,6 +76,7 @@ class TurboConfig:
 
     quantize: bool = True
     block_size: int = 64
+    residual_length: int = 0
     bits: int = 4
     low_bits: int = 2
     int2_fraction: float = 0.0
@@ -112,6 +117,8 @@ class TurboConfig:
             raise ValueError(f"TurboConfig.k_smooth must be a bool, got {self.k_smooth!r}")
         if not (isinstance(self.block_size, int) and self.block_size >= 16 and self.block_size % 16 == 0):
             raise ValueError(f"TurboConfig.block_size must be a positive multiple of 16, got {self.block_size!r}")
+        if not (isinstance(self.residual_length, int) and self.residual_length >= 0):
+            raise ValueError(f"TurboConfig.residual_length must be an int >= 0, got {self.residual_length!r}")
         for name in ("block_m", "block_n"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 16 and value % 16 == 0):

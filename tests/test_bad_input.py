@@ -124,6 +124,8 @@ def test_empty_input():
         ("block_size", 50),
         ("block_size", 0),
         ("block_size", 64.0),
+        ("residual_length", -1),
+        ("residual_length", 64.0),
         ("block_m", 8),
         ("block_n", 48),  # does not divide block_size 64
         ("int2_fraction", 1.5),

@@ -58,24 +58,30 @@ def _bpq_bound(x: torch.Tensor, bits: int, axis: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("t", [63, 64, 65, 129])
-def test_flush_boundaries_prefill_then_decode(t):
-    cache = _cache(_config())
+@pytest.mark.parametrize("residual", [0, 64, 100])
+def test_flush_boundaries_prefill_then_decode(t, residual):
+    """Blocks flush whole once ``residual_length + 64`` tokens wait; the newest ``residual_length`` never flush."""
+    cache = _cache(_config(), residual_length=residual)
     (k_all, v_all), _ = _fill(cache, [_kv(t=t)])
     layer = cache.layers[0]
-    assert layer.n_blocks == t // BS
-    assert layer.buffer_k.shape[-2] == t % BS
+
+    def blocks(n):
+        return max(n - residual, 0) // BS
+
+    assert layer.n_blocks == blocks(t)
+    assert layer.buffer_k.shape[-2] == t - blocks(t) * BS
     assert cache.get_seq_length() == t and layer.get_seq_length() == t
     # the buffer holds the newest tokens verbatim
-    assert torch.equal(layer.buffer_k, k_all[:, :, (t // BS) * BS :])
-    assert torch.equal(layer.buffer_v, v_all[:, :, (t // BS) * BS :])
-    # decode: blocks flush exactly when the buffer reaches 64, a whole block at a time
+    assert torch.equal(layer.buffer_k, k_all[:, :, blocks(t) * BS :])
+    assert torch.equal(layer.buffer_v, v_all[:, :, blocks(t) * BS :])
+    # decode: blocks flush exactly when the buffer reaches residual + 64, a whole block at a time
     for step in range(1, 70):
         k, v = _kv(t=1)
         for i in range(2):
             cache.update(k, v, i)
         n = t + step
-        assert layer.n_blocks == n // BS, (n, layer.n_blocks)
-        assert layer.buffer_k.shape[-2] == n % BS
+        assert layer.n_blocks == blocks(n), (n, layer.n_blocks)
+        assert residual <= layer.buffer_k.shape[-2] == n - blocks(n) * BS < residual + BS or n < residual
         assert cache.get_seq_length() == n
     assert cache.get_seq_length(1) == t + 69
 

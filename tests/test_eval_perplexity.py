@@ -150,3 +150,22 @@ def test_eval_cli_writes_result_and_plot(smollm2, tmp_path, monkeypatch):
     assert [r["setting"] for r in rec["rows"]] == ["fp", "turbo-4bit"]
     assert rec["protocol"]["window"] == 128 and "ppl" in rec["columns"]
     assert (tmp_path / "acc_test.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv0, main_spec, expect", [
+    ("/venv/bin/hf-turbo", None, "hf-turbo eval --suite full"),
+    ("/repo/eval/cli.py", "hf_turbo.eval.cli", "python -m hf_turbo.eval.cli eval --suite full"),
+    ("/repo/hf_turbo/__main__.py", "hf_turbo.__main__", "python -m hf_turbo eval --suite full"),
+])
+def test_results_record_the_command_as_typed(monkeypatch, argv0, main_spec, expect):
+    """A results file's command is what the user typed (not "hf-turbo eval eval ...")."""
+    import sys
+    import types
+
+    from hf_turbo.eval.results import invocation
+
+    main = types.ModuleType("__main__")
+    main.__spec__ = types.SimpleNamespace(name=main_spec) if main_spec else None
+    monkeypatch.setattr(sys, "argv", [argv0, "eval", "--suite", "full"])
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    assert invocation() == expect

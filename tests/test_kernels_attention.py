@@ -92,18 +92,20 @@ def _layer(cfg, b, hkv, d, lengths):
 
 
 @pytest.mark.parametrize(
-    "d,hq,hkv,hist,sq,frac,pv,exp,base,causal,pad,window",
+    "d,hq,hkv,hist,sq,frac,pv,exp,base,causal,pad,window,res",
     [
-        (64, 4, 2, 130, 70, 0.5, "int8", "sas", "e", True, True, None),  # chunked prefill, mixed 4/2-bit
-        (64, 6, 2, 200, 1, 0.5, "int8", "sas", "e", True, True, None),  # decode, GQA 3:1 (SmolLM2-like), ragged
-        (128, 8, 2, 300, 1, 0.0, "fp16", "sas", "2", True, False, 100),  # decode, 4-bit, window
-        (96, 4, 4, 64, 3, 0.25, "int8", "exp2", "e", True, False, None),  # small Sq decode, padded head dim
+        (64, 4, 2, 130, 70, 0.5, "int8", "sas", "e", True, True, None, 0),  # chunked prefill, mixed 4/2-bit
+        (64, 6, 2, 200, 1, 0.5, "int8", "sas", "e", True, True, None, 0),  # decode, GQA 3:1 (SmolLM2-like), ragged
+        (128, 8, 2, 300, 1, 0.0, "fp16", "sas", "2", True, False, 100, 0),  # decode, 4-bit, window
+        (96, 4, 4, 64, 3, 0.25, "int8", "exp2", "e", True, False, None, 0),  # small Sq decode, padded head dim
+        # residual_length 128: 1 compressed block + a 137-token FP16 tail (3 tail blocks in the decode kernel)
+        (64, 6, 2, 200, 1, 0.5, "fp16", "exp2", "e", True, True, None, 128),
     ],
 )
-def test_attend_layer_matches_reference(d, hq, hkv, hist, sq, frac, pv, exp, base, causal, pad, window):
+def test_attend_layer_matches_reference(d, hq, hkv, hist, sq, frac, pv, exp, base, causal, pad, window, res):
     from hf_turbo.kernels import attend_layer
 
-    cfg = TurboConfig(int2_fraction=frac, pv=pv, exp=exp, sas_base=base)
+    cfg = TurboConfig(int2_fraction=frac, pv=pv, exp=exp, sas_base=base, residual_length=res)
     b = 2
     layer, k_all, v_all = _layer(cfg, b, hkv, d, [hist, sq])
     q = torch.randn(b, hq, sq, d, device=DEV).half()
@@ -116,6 +118,7 @@ def test_attend_layer_matches_reference(d, hq, hkv, hist, sq, frac, pv, exp, bas
                   for s in layer.attention_segments()],
         sm_scale=sm, causal=causal, key_mask=None if key_mask is None else key_mask.cpu(), sliding_window=window,
         **_ref_kwargs(cfg))
+    assert layer.blocks_before == max(hist - res, 0) // 64  # the residual stays in the tail
     out = attend_layer(q, layer, sm_scale=sm, causal=causal, pad=padv, sliding_window=window, split=1)
     _check(out, ref, v_all.abs().max().item())
     if sq == 1:

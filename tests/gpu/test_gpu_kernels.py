@@ -75,10 +75,11 @@ def _layer(cfg, b, hkv, d, lengths):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("frac", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("sq", [1, 300])
-def test_attend_layer_real_size(d, frac, sq):
+@pytest.mark.parametrize("res", [0, 128])
+def test_attend_layer_real_size(d, frac, sq, res):
     from hf_turbo.kernels import attend_layer
 
-    cfg = TurboConfig(int2_fraction=frac)
+    cfg = TurboConfig(int2_fraction=frac, residual_length=res)  # res: the newest 128 tokens stay in the FP16 tail
     b, hq, hkv = 3, 12, 4
     layer = _layer(cfg, b, hkv, d, [2000, sq])
     s_kv = 2000 + sq
