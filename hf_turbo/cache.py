@@ -205,7 +205,7 @@ class TurboLayer(DynamicLayer):
         """BPQ ``k, v [B, H, nb * block_size, D]`` into the pools (blocks ``n_blocks ..``)."""
         bs = self.turbo.block_size
         nb = k.shape[-2] // bs
-        if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
+        if not bool(torch.isfinite(k).all() & torch.isfinite(v).all()):  # one device sync per flush, not two
             raise ValueError("key/value states contain NaN or Inf: the cache refuses to quantize non-finite values")
         self._ensure_capacity(self.n_blocks + nb)
         backend = ops.kernel_backend(k.device)
