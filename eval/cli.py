@@ -168,7 +168,8 @@ def write_accuracy(rows, args, plan, calib_meta, model) -> Path:
         f"Perplexity on {rows[0]['tokens']} tokens of `{args.text}` ({rows[0]['windows']} windows of "
         f"{plan['window']} tokens; the first {plan['context']} of each are an unscored prefill, the rest is fed in "
         f"chunks of {args.chunk} through the cache, so every scored token reads compressed KV blocks). "
-        "ppl_delta_pct: vs the FP SDPA reference; top1_agree / kl: next-token argmax agreement and KL(p_fp || p) "
+        "ppl_delta_pct: vs the FP SDPA reference (ppl_delta_se_pct: its standard error over the windows, paired: "
+        "every setting scores the same tokens); top1_agree / kl: next-token argmax agreement and KL(p_fp || p) "
         "per token. kv_bits: bits per K/V element of the compressed cache (codes + scales + zero points, measured "
         "from the pools; KIVI: nbits + 32/group). KIVI rows: eval/kivi.py, a fake-quantized reference of KIVI "
         "(K per channel, V per token, residual 128, prefill attention in full precision). The CPU run computes in "
@@ -176,9 +177,11 @@ def write_accuracy(rows, args, plan, calib_meta, model) -> Path:
     )
     if calib_meta:
         notes += f" Calibrated priorities: gap x std of K on `{calib_meta.get('text')}` ({calib_meta.get('tokens')} tokens)."
-    cols = ["label", "kv_bits", "ppl", "ppl_delta_pct", "top1_agree", "kl"]
+    cols = ["label", "kv_bits", "ppl", "ppl_delta_pct", "ppl_delta_se_pct", "top1_agree", "kl"]
+    title = (f"Accuracy on real text: {describe_model(model, args.model)}; {rows[0]['windows']} windows of "
+             f"{plan['window']} tokens")
     return write_result(
-        args.name, rows, title=f"Accuracy on real text: {describe_model(model, args.model)}", columns=cols, notes=notes,
+        args.name, rows, title=title, columns=cols, notes=notes,
         extra={"protocol": {**plan, "chunk": args.chunk, "text": args.text}, "calibration": calib_meta},
         out_dir=Path(args.out_dir) if args.out_dir else None,
     )

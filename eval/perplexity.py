@@ -321,6 +321,19 @@ class _Acc:
     seconds: float = 0.0
     bits: list[float] = field(default_factory=list)
     ratio: list[float] = field(default_factory=list)
+    window_nll: list[float] = field(default_factory=list)  # mean NLL per scored token, one entry per window
+
+
+def ppl_delta_se_pct(window_nll: Sequence[float], ref_window_nll: Sequence[float]) -> float:
+    """Standard error (in %) of the perplexity change vs the reference, from the paired per-window differences of
+    mean NLL (every setting scores the same tokens of each window): ``ppl / ref_ppl = exp(mean d)``, so by the delta
+    method SE = 100 * exp(mean d) * sd(d) / sqrt(W). NaN with fewer than 2 windows."""
+    d = [a - b for a, b in zip(window_nll, ref_window_nll, strict=True)]
+    if len(d) < 2:
+        return float("nan")
+    mean = sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+    return 100.0 * math.exp(mean) * sd / math.sqrt(len(d))
 
 
 def evaluate(
@@ -339,7 +352,8 @@ def evaluate(
 
     The "fp" reference is always computed (and reported first). ``priorities`` (``[L][H_kv]``) feed settings with
     ``priorities="calibrated"``. Returns one row per setting: ``setting, label, kind, kv_bits, ppl,
-    ppl_delta_pct`` (vs fp), ``top1_agree, kl, tokens, windows, seconds``, and for TurboQuantCache
+    ppl_delta_pct`` (vs fp), ``ppl_delta_se_pct`` (its standard error over windows, :func:`ppl_delta_se_pct`),
+    ``top1_agree, kl, tokens, windows, seconds``, and for TurboQuantCache
     ``compression``, ``int2_heads_per_layer`` (the mean over layers when chosen model-wide) and ``int2_heads_total``.
     """
     from tqdm.auto import tqdm
@@ -366,8 +380,10 @@ def evaluate(
             acc = accs[setting.name]
             acc.seconds += time.perf_counter() - t0
             lp = torch.log_softmax(logits.double(), dim=-1)
-            acc.nll += float(-lp.gather(-1, targets[:, None]).sum())
+            nll = float(-lp.gather(-1, targets[:, None]).sum())
+            acc.nll += nll
             acc.n += int(targets.numel())
+            acc.window_nll.append(nll / targets.numel())
             if ref_lp is None:
                 ref_lp = lp
             acc.agree += int((lp.argmax(-1) == ref_lp.argmax(-1)).sum())
@@ -389,6 +405,7 @@ def evaluate(
             "kv_bits": sum(a.bits) / len(a.bits),
             "ppl": ppl,
             "ppl_delta_pct": 100.0 * (ppl / ref_ppl - 1.0),
+            "ppl_delta_se_pct": ppl_delta_se_pct(a.window_nll, accs["fp"].window_nll) if s.name != "fp" else 0.0,
             "top1_agree": a.agree / a.n,
             "kl": a.kl / a.n,
             "tokens": a.n,

@@ -169,3 +169,17 @@ def test_results_record_the_command_as_typed(monkeypatch, argv0, main_spec, expe
     monkeypatch.setattr(sys, "argv", [argv0, "eval", "--suite", "full"])
     monkeypatch.setitem(sys.modules, "__main__", main)
     assert invocation() == expect
+
+
+def test_ppl_delta_se_pct():
+    from hf_turbo.eval.perplexity import ppl_delta_se_pct
+
+    ref = [3.0, 3.2, 2.9, 3.1]
+    assert ppl_delta_se_pct([r + 0.01 for r in ref], ref) == pytest.approx(0.0, abs=1e-9)  # a constant shift
+    d = [0.0, 0.02, 0.01, 0.03]
+    mean, sd = 0.015, (sum((x - 0.015) ** 2 for x in d) / 3) ** 0.5
+    got = ppl_delta_se_pct([r + x for r, x in zip(ref, d)], ref)
+    assert got == pytest.approx(100 * 2.718281828459045**mean * sd / 2, rel=1e-9)
+    assert ppl_delta_se_pct([3.0], [2.9]) != ppl_delta_se_pct([3.0], [2.9])  # NaN: one window has no spread
+    with pytest.raises(ValueError):
+        ppl_delta_se_pct([3.0, 3.1], [3.0])
