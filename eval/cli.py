@@ -208,6 +208,11 @@ CURVES = {  # settings joined by a line, in order of bits (the others are drawn 
 _CURVE_STYLE = ["tab:blue", "tab:cyan", "tab:orange", "tab:red", "tab:purple"]
 
 
+def _has_lower_neighbour(r, points) -> bool:
+    """Whether another point at (nearly) the same bits sits lower: then r's label goes above it, not below."""
+    return any(abs(o["kv_bits"] - r["kv_bits"]) < 0.05 and o["ppl"] < r["ppl"] for o in points if o is not r)
+
+
 def plot_accuracy(rows, path: Path, *, title: str = "") -> Path:
     """Perplexity vs bits per KV element: TurboAttention cache settings and the KIVI-style baseline as curves, other
     settings as points, the FP reference and +1% / +3% as lines; points far above are clipped to the top edge."""
@@ -218,7 +223,7 @@ def plot_accuracy(rows, path: Path, *, title: str = "") -> Path:
 
     by = {r["setting"]: r for r in rows}
     fp = by["fp"]["ppl"]
-    top = fp * 1.5
+    top = min(fp * 1.5, max(fp * 1.05, 1.02 * max(r["ppl"] for r in rows)))  # zoom in when every row is close
     fig, ax = plt.subplots(figsize=(9.5, 5.8))
     ax.axhline(fp, color="gray", ls="--", lw=1, label=f"FP SDPA ({fp:.3g})")
     ax.axhline(fp * 1.01, color="gray", ls=":", lw=0.8, label="FP +1% / +3%")
@@ -234,13 +239,15 @@ def plot_accuracy(rows, path: Path, *, title: str = "") -> Path:
             continue
         ax.plot([r["kv_bits"] for r in pts], [y(r) for r in pts], "o-", color=color, ms=5, lw=1.3, label=label)
         drawn.update(r["setting"] for r in pts)
-    for r in rows:
-        if r["setting"] == "fp" or r["setting"] in drawn:
-            continue
+    points = [r for r in rows if r["setting"] != "fp" and r["setting"] not in drawn]
+    for r in points:
         marker = {"turbo": "s", "quanto": "v"}.get(r["kind"], "x")
         ax.scatter(r["kv_bits"], y(r), marker=marker, color="k", s=28, zorder=3)
-        ax.annotate(r["setting"].replace("turbo-", ""), (r["kv_bits"], y(r)), fontsize=6.5, xytext=(4, -8),
-                    textcoords="offset points")
+        se = r.get("ppl_delta_se_pct")
+        if se == se and se and r["ppl"] <= top:  # one standard error of the change, in perplexity units
+            ax.errorbar(r["kv_bits"], r["ppl"], yerr=fp * se / 100, color="k", lw=0.8, capsize=2, zorder=2)
+        ax.annotate(r["setting"].replace("turbo-", ""), (r["kv_bits"], y(r)), fontsize=6.5,
+                    xytext=(5, 4 if _has_lower_neighbour(r, points) else -9), textcoords="offset points")
     for r in rows:
         if r["ppl"] > top:
             ax.annotate(f"{r['setting']}: {r['ppl']:.3g} (off scale)", (r["kv_bits"], top), fontsize=7,
