@@ -1,0 +1,34 @@
+"""The throughput benchmark's CPU smoke path (tiny random Llama): every turbo method builds its cache and runs the
+whole protocol (warm-up, max batch, ladder, JSON + plot); unknown methods are refused. No timing is asserted."""
+
+import argparse
+import json
+
+import pytest
+from hf_turbo.eval import bench_throughput as bt
+
+
+def _args(tmp_path, methods):
+    ap = argparse.ArgumentParser()
+    bt.add_arguments(ap)
+    return ap.parse_args(["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--lengths", "96:4",
+                          "--ladder", "1", "--methods", methods, "--name", "tp_smoke", "--out-dir", str(tmp_path)])
+
+
+def test_cpu_smoke_run(tmp_path, one_thread):
+    methods = ["sdpa", *bt.TURBO_METHODS]
+    assert bt.run(_args(tmp_path, ",".join(methods))) == 0
+    rec = json.loads((tmp_path / "tp_smoke.json").read_text())
+    assert rec["skipped"] == {}
+    assert sorted({r["method"] for r in rec["rows"]}) == sorted(methods)
+    runs = rec["all_rows"]
+    assert all(r["decode_tok_s"] > 0 and r["kv_bytes_per_token"] > 0 for r in runs)
+    # 100 cached tokens: turbo-mixed25-r64 keeps the newest 64 uncompressed, so it holds more bytes than turbo4
+    per_tok = {r["method"]: r["kv_bytes_per_token"] for r in runs if r["batch"] == 1}
+    assert per_tok["turbo-mixed25-r64"] > per_tok["turbo4"]
+    assert (tmp_path / "tp_smoke.png").stat().st_size > 1000
+
+
+def test_unknown_method_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown"):
+        bt.run(_args(tmp_path, "sdpa,turbo5"))
