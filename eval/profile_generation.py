@@ -32,6 +32,38 @@ def _top(events, key, n=15):
                  device_us=getattr(e, "self_device_time_total", 0.0)) for e in rows]
 
 
+class TokenClock:
+    """A ``generate(streamer=...)`` hook that timestamps every generated token (after a device sync), so the
+    per-token times show whether a slow mean comes from every step or from a few spikes (a flush, a pool growth,
+    a compile). The first ``put`` is the prompt; each later one is one decode step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def step_ms(self) -> list[float]:
+        """Milliseconds between consecutive tokens (decode steps only)."""
+        return [1e3 * (b - a) for a, b in zip(self.stamps[1:], self.stamps[2:])]
+
+
+def step_stats(step_ms: list[float]) -> dict[str, float]:
+    """Median, max and mean of the per-step times: median << mean means spikes, not a uniformly slow step."""
+    if not step_ms:
+        return dict(step_median_ms=float("nan"), step_max_ms=float("nan"), step_mean_ms=float("nan"))
+    ordered = sorted(step_ms)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+    return dict(step_median_ms=median, step_max_ms=ordered[-1], step_mean_ms=sum(ordered) / len(ordered))
+
+
 def profile_method(model, method, batch, prompt, new, steps, device):
     with attention_backends(method):
         return _profile_method(model, method, batch, prompt, new, steps, device)
@@ -57,6 +89,11 @@ def _profile_method(model, method, batch, prompt, new, steps, device):
     out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **gen)
     torch.cuda.synchronize()
     tpot = (time.perf_counter() - t0) / new
+    cache = make_cache(method, model)  # the same generation again, each step timed (syncs after every token)
+    prefill(model, ids, cache, 1024)
+    clock = TokenClock(device)
+    model.generate(ids, max_new_tokens=new, min_new_tokens=new, streamer=clock, **{**gen, ckw: cache})
+    steps_ms = clock.step_ms()
     cache = make_cache(method, model)
     prefill(model, ids, cache, 1024)
     gen[ckw] = cache
@@ -83,7 +120,8 @@ def _profile_method(model, method, batch, prompt, new, steps, device):
     launches = sum(e.count for e in ev if e.key in LAUNCH_OPS)
     gpu_us = sum(getattr(e, "self_device_time_total", 0.0) for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
     return dict(
-        method=method, batch=batch, prompt=prompt, tpot_ms=1e3 * tpot, new=new, tokens=int(out.shape[1] - prompt),
+        method=method, batch=batch, prompt=prompt, tpot_ms=1e3 * tpot, **step_stats(steps_ms), step_ms=steps_ms,
+        new=new, tokens=int(out.shape[1] - prompt),
         profile_steps=steps, syncs_per_token=syncs / steps, launches_per_token=launches / steps,
         gpu_busy_ms_per_token=gpu_us / steps / 1e3,
         top_cpu=_top(ev, "self_cpu_time_total"), top_gpu=_top(ev, "self_device_time_total"),
@@ -126,8 +164,10 @@ def main(argv=None):
     name = args.name or f"profile_generation_{args.shape}"
     path = write_result(
         name, rows, title=f"Decode step profile, {args.shape} ({args.dtype}), prompt {args.prompt}",
-        columns=["method", "batch", "tpot_ms", "gpu_busy_ms_per_token", "launches_per_token", "syncs_per_token"],
-        notes="tpot_ms: wall time per output token; gpu_busy: summed kernel time per token from torch.profiler "
+        columns=["method", "batch", "tpot_ms", "step_median_ms", "step_max_ms", "gpu_busy_ms_per_token",
+                 "launches_per_token", "syncs_per_token"],
+        notes="tpot_ms: wall time per output token; step_median/max_ms: the same generation with every step timed "
+              "(a device sync per token), median << mean means a few slow steps; gpu_busy: summed kernel time per token from torch.profiler "
               "(tpot far above it = the step is bound by Python / launches, not by the GPU).",
     )
     print("wrote", path)
