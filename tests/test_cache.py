@@ -216,6 +216,27 @@ def test_crop_keeps_contents(quantize, form, keep):
             assert torch.equal(k2[:, :, :whole], ref[:, :, :whole])
 
 
+@pytest.mark.parametrize("keep", [150, 100, 40])
+def test_crop_and_reorder_with_residual(keep):
+    """With residual_length 64 the buffer holds 64..127 tokens: crop keeps every kept token exactly, reorder moves
+    buffer and blocks together, and later flushes still leave the newest 64 uncompressed."""
+    cache = _cache(_config(), residual_length=64)
+    _fill(cache, [_kv(t=140), _kv(t=1), _kv(t=21)])  # 162 tokens: 1 block + 98 buffered
+    assert cache.layers[0].n_blocks == 1 and cache.layers[0].buffer_k.shape[-2] == 98
+    before = _state(cache)
+    cache.crop(keep - 162)
+    for layer, (k0, v0) in zip(cache.layers, before):
+        k1, v1 = layer.dequantized()
+        assert torch.equal(k1, k0[:, :, :keep]) and torch.equal(v1, v0[:, :, :keep])
+    cache.reorder_cache(torch.tensor([1, 0]))
+    for layer, (k0, _) in zip(cache.layers, before):
+        assert torch.equal(layer.dequantized()[0], k0[:, :, :keep].flip(0))
+    _fill(cache, [_kv(t=1)] * 90)
+    layer = cache.layers[0]
+    assert cache.get_seq_length() == keep + 90
+    assert 64 <= layer.buffer_k.shape[-2] < 128  # the newest 64 never flushed, blocks still whole
+
+
 def test_crop_noop_cases():
     cache = _cache(_config())
     _fill(cache, [_kv(t=70)])
