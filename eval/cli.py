@@ -129,7 +129,7 @@ def _chunk_check(model, tokens, settings, plan, priorities, args) -> int:
         )
         path = write_result(args.name, rows, title="Chunked (64) vs token-by-token (1) scoring through the cache",
                             columns=["chunk", "setting", "kv_bits", "ppl", "ppl_delta_pct", "top1_agree", "kl"],
-                            notes=notes, extra={"protocol": {**plan, "text": args.text}}, 
+                            notes=notes, extra={"protocol": {**plan, "text": args.text}},
                             out_dir=Path(args.out_dir) if args.out_dir else None)
         print(f"wrote {path}")
     return 0

@@ -166,11 +166,11 @@ SUITES: dict[str, list[str]] = {
         "turbo-4bit-nr5", "turbo-4bit-nr8", "turbo-4bit-nr8-pvfp16", "turbo-mixed1-online", "turbo-mixed1-calib",
         "turbo-mixed1-calib-default", "turbo-mixed1-calib-default-nosmooth", "turbo-mixed-model25-calib-default",
         "turbo-mixed-model33-calib-default", "turbo-mixed-model25-norm-calib-default",
-        "turbo-mixed-model33-norm-calib-default", "turbo-4bit-default-r128", "turbo-mixed-model25-calib-default-r64", "turbo-mixed-model25-calib-default-r128",
-        "turbo-mixed1-calib-default-r128", "turbo-mixed2-online", "turbo-mixed2-calib", "turbo-2bit", "cache4-sdpa",
-        "cache4-sdpa-nosmooth", "cache-mixed1-calib-sdpa", "cache-mixed1-calib-sdpa-nosmooth", "cache2-sdpa",
-        "cache4-sdpa-r128", "cache2-sdpa-r128", "kivi-4-g32", "kivi-4-g64", "kivi-3-g64", "kivi-2-g32", "kivi-2-g64",
-        "quanto-4", "quanto-2", "sdpa-chunked",
+        "turbo-mixed-model33-norm-calib-default", "turbo-4bit-default-r128", "turbo-mixed-model25-calib-default-r64",
+        "turbo-mixed-model25-calib-default-r128", "turbo-mixed1-calib-default-r128", "turbo-mixed2-online",
+        "turbo-mixed2-calib", "turbo-2bit", "cache4-sdpa", "cache4-sdpa-nosmooth", "cache-mixed1-calib-sdpa",
+        "cache-mixed1-calib-sdpa-nosmooth", "cache2-sdpa", "cache4-sdpa-r128", "cache2-sdpa-r128", "kivi-4-g32",
+        "kivi-4-g64", "kivi-3-g64", "kivi-2-g32", "kivi-2-g64", "quanto-4", "quanto-2", "sdpa-chunked",
     ],
 }
 

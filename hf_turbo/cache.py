@@ -440,14 +440,16 @@ class TurboLayer(DynamicLayer):
             return 0
         if not self.turbo.quantize:
             return self.keys.nbytes + self.values.nbytes
-        total = self.buffer_k.nbytes + self.buffer_v.nbytes + self._k_mean_nbytes()
+        total = self._unpooled_nbytes()
         for pool in self.pools.values():
             for tensor in pool.values():
                 total += tensor[:, :, : self.n_blocks].nbytes
         return total
 
-    def _k_mean_nbytes(self) -> int:
-        return self.k_mean.nbytes if self.k_mean is not None else 0
+    def _unpooled_nbytes(self) -> int:
+        """Bytes outside the pools: the FP16 buffer and (K smoothing) ``k_mean``."""
+        mean = self.k_mean.nbytes if self.k_mean is not None else 0
+        return self.buffer_k.nbytes + self.buffer_v.nbytes + mean
 
     def allocated_nbytes(self) -> int:
         """Bytes allocated (pool capacity included)."""
@@ -455,8 +457,7 @@ class TurboLayer(DynamicLayer):
             return 0
         if not self.turbo.quantize:
             return self.nbytes()
-        total = self.buffer_k.nbytes + self.buffer_v.nbytes + self._k_mean_nbytes()
-        return total + sum(t.nbytes for pool in self.pools.values() for t in pool.values())
+        return self._unpooled_nbytes() + sum(t.nbytes for pool in self.pools.values() for t in pool.values())
 
     def fp16_nbytes(self) -> int:
         """Bytes an FP16 cache would hold for the same tokens."""
@@ -586,8 +587,9 @@ class TurboQuantCache(Cache):
         return self.fp16_nbytes() / own if own else float("nan")
 
     def memory_report(self) -> dict[str, Any]:
-        """A dict for reports: tokens, tokens in compressed blocks (the rest are in the FP16 buffer), bytes, FP16 bytes, ratio, allocated bytes, head bit-widths per layer, the INT2
-        scope and the number of low-bit heads per layer (this process's heads under tensor parallelism)."""
+        """A dict for reports: tokens, tokens in compressed blocks (the rest are in the FP16 buffer), bytes, FP16
+        bytes, ratio, allocated bytes, head bit-widths per layer, the INT2 scope and the number of low-bit heads per
+        layer (this process's heads under tensor parallelism)."""
         head_bits = [None if layer.head_bits is None else layer.head_bits.tolist() for layer in self.layers]
         low = self.turbo.low_bits if self.turbo.bits != self.turbo.low_bits else None
         return {

@@ -55,12 +55,9 @@ def _run_generate(args) -> int:
     if args.preset:
         base = TurboConfig.preset(args.preset)
         overrides = {k: v for k, v in base.to_dict().items() if k != "priorities"}
-    if args.int2_fraction is not None:
-        overrides["int2_fraction"] = args.int2_fraction
-    if args.bits is not None:
-        overrides["bits"] = args.bits
-    if args.residual_length is not None:
-        overrides["residual_length"] = args.residual_length
+    for name in ("int2_fraction", "bits", "residual_length"):  # flags given on the command line override the preset
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     TurboConfig(**overrides)  # validate before the slow model load
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, tok = load_model(args.model, attn_implementation="turbo", dtype=dtype, device=args.device)
