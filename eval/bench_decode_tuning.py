@@ -5,7 +5,7 @@
 
 For each case (batch, context; 32 q / 8 kv heads, hd 128, 4-bit) and each variant of
 :func:`hf_turbo.kernels.decode.decode_layer` (software prefetch of the next packed tile, V scale folded after the PV
-product, warps, pipeline stages, context splits per SM) it checks the output against the PyTorch reference
+product, warps, pipeline stages, context splits per SM and their cap) it checks the output against the PyTorch reference
 (:func:`hf_turbo.quant.attention.turbo_attention_reference`) and times ``attend_layer`` two ways:
 
 * ``graph_us``: replay of a CUDA graph holding the calls (GPU time only: what the kernels cost);
@@ -34,7 +34,10 @@ VARIANTS = {
     "prefetch + fold V, w2": dict(prefetch=True, fold_v=True, num_warps=2),
     "prefetch + fold V, s1": dict(prefetch=True, fold_v=True, num_stages=1),
     "prefetch + fold V, s3": dict(prefetch=True, fold_v=True, num_stages=3),
-    "prefetch + fold V, 4/SM": dict(prefetch=True, fold_v=True, split_mult=4),
+    "prefetch + fold V, 4/SM, at most 8 splits": dict(prefetch=True, fold_v=True, split_mult=4, max_split=8),
+    "prefetch + fold V, 4/SM, at most 16 splits": dict(prefetch=True, fold_v=True, split_mult=4, max_split=16),
+    "prefetch + fold V, 4/SM (default: at most 32 splits)": dict(prefetch=True, fold_v=True, split_mult=4),
+    "prefetch + fold V, 4/SM, at most 64 splits": dict(prefetch=True, fold_v=True, split_mult=4, max_split=64),
     "prefetch + fold V, 8/SM": dict(prefetch=True, fold_v=True, split_mult=8),
     "prefetch + fold V, 16/SM": dict(prefetch=True, fold_v=True, split_mult=16),
 }

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import time
 from typing import Any
 
@@ -206,6 +207,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--ladder", default="1,4,16", help="smaller batches measured besides the maximum")
     ap.add_argument("--max-batch-cap", type=int, default=512)
+    ap.add_argument("--latency-repeats", type=int, default=0,
+                    help="also measure batch-1 time per token: every method this many times, interleaved, at each "
+                         "prompt length (written to <name>_batch1.json)")
+    ap.add_argument("--latency-new", type=int, default=64, help="generated tokens per batch-1 latency run")
+    ap.add_argument("--latency-only", action="store_true", help="only the batch-1 latency rounds (no throughput)")
     ap.add_argument("--name", default=None, help="results name (default bench_throughput_<shape>)")
     ap.add_argument("--out-dir", default=None)
 
@@ -236,6 +242,22 @@ def run(args) -> int:
         run_once(model, method, 1, 64, 4, device)
     name = args.name or f"bench_throughput_{args.shape}"
     out_dir = Path(args.out_dir) if args.out_dir else None
+    if args.latency_repeats > 0:
+        active = [m for m in methods if m not in skipped]
+        lat = batch1_latency(model, active, [p for p, _ in lengths], args.latency_new, args.latency_repeats, device)
+        write_result(
+            f"{name}_batch1", lat["summary"],
+            title=f"Time per output token at batch 1, {args.shape} ({args.dtype}), median of {args.latency_repeats} "
+                  "interleaved runs",
+            notes=(f"{args.latency_new} greedy tokens per run after a chunked prefill; every method runs once per "
+                   "round, rounds repeated, so host or clock drift hits all alike. ratio_vs_sdpa: median TPOT over the "
+                   "faster SDPA method's median (<= 1.10 is the target: at most 10% slower per token)."),
+            extra={"samples": lat["samples"]}, out_dir=out_dir,
+        )
+        for row in lat["summary"]:
+            print(row)
+    if args.latency_only:
+        return 0
     for method, prompt, new in tqdm(jobs, desc="throughput"):
         try:
             bmax = max_batch(model, method, prompt, new, budget, device, args.max_batch_cap)
@@ -262,6 +284,28 @@ def run(args) -> int:
     for s in summarize(rows, fp16_bytes_per_token(model)):
         print(s)
     return 0
+
+
+def batch1_latency(model, methods, prompts, new, repeats, device) -> dict[str, Any]:
+    """Batch-1 time per output token of every method, interleaved over ``repeats`` rounds (one generation per method
+    per round): ``{"summary": [row per (prompt, method)], "samples": {"<prompt>/<method>": [tpot_ms, ...]}}``."""
+    from tqdm import tqdm
+
+    samples: dict[str, list[float]] = {}
+    for _ in tqdm(range(repeats), desc="batch-1 latency"):
+        for prompt in prompts:
+            for method in methods:
+                r = run_once(model, method, 1, prompt, new, device)
+                samples.setdefault(f"{prompt}/{method}", []).append(r["tpot_ms"])
+    summary = []
+    for prompt in prompts:
+        med = {m: statistics.median(samples[f"{prompt}/{m}"]) for m in methods}
+        base = min((med[m] for m in SDPA_METHODS if m in med), default=float("nan"))
+        for m in methods:
+            xs = samples[f"{prompt}/{m}"]
+            summary.append({"prompt": prompt, "method": m, "tpot_ms_median": med[m], "tpot_ms_min": min(xs),
+                            "tpot_ms_max": max(xs), "runs": len(xs), "ratio_vs_sdpa": med[m] / base})
+    return {"summary": summary, "samples": samples}
 
 
 def summarize(rows: list[dict], fp16_per_token: float) -> list[dict]:

@@ -44,11 +44,13 @@ def _module_turbo_config(module):
 
 
 def _check_call(module, query, key, attention_mask, dropout, kwargs) -> None:
-    model_type = getattr(getattr(module, "config", None), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise NotImplementedError(
-            f'attn_implementation="turbo" serves model types {SUPPORTED_MODEL_TYPES}, not {model_type!r}'
-        )
+    if not getattr(module, "_hf_turbo_model_ok", False):  # once per module: config lookups cost host time per token
+        model_type = getattr(getattr(module, "config", None), "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise NotImplementedError(
+                f'attn_implementation="turbo" serves model types {SUPPORTED_MODEL_TYPES}, not {model_type!r}'
+            )
+        module._hf_turbo_model_ok = True
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"turbo attention does not support {name}")
@@ -65,6 +67,21 @@ def _check_call(module, query, key, attention_mask, dropout, kwargs) -> None:
         raise ValueError(f"query head_dim {query.shape[-1]} != key head_dim {key.shape[-1]}")
     if query.shape[1] % key.shape[1]:
         raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key heads ({key.shape[1]})")
+
+
+def _bool_mask(attention_mask: torch.Tensor | None, step_token: object | None) -> torch.Tensor | None:
+    """The padding mask as bool. With a ``step_token`` (one per forward pass, from the cache) it is converted once
+    per forward and kept on the mask tensor, so every layer gets the same object and what is derived from it (the
+    left-padding counts, :func:`hf_turbo.ops.left_padding`) is computed once per forward, not once per layer."""
+    if attention_mask is None or attention_mask.dtype == torch.bool:
+        return attention_mask
+    cached = getattr(attention_mask, "_hf_turbo_bool", None)
+    if step_token is not None and cached is not None and cached[0] is step_token:
+        return cached[1]
+    mask = attention_mask.to(torch.bool)
+    if step_token is not None:
+        attention_mask._hf_turbo_bool = (step_token, mask)
+    return mask
 
 
 def turbo_attention_forward(
@@ -94,7 +111,7 @@ def turbo_attention_forward(
     turbo = layer.turbo if layer is not None else _module_turbo_config(module)
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     sm_scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    key_mask = attention_mask.to(torch.bool) if attention_mask is not None else None
+    key_mask = _bool_mask(attention_mask, layer.step_token if layer is not None else None)
     if key_mask is not None and key_mask.shape[-1] != key.shape[-2]:
         raise ValueError(f"attention_mask covers {key_mask.shape[-1]} keys but the cache holds {key.shape[-2]}")
 

@@ -114,6 +114,14 @@ class TurboLayer(DynamicLayer):
         self._tail_v: torch.Tensor | None = None
         self.blocks_before = 0
         self.k_mean: torch.Tensor | None = None  # K smoothing: mu [B, H, 1, D] subtracted from every stored key
+        # one object per forward pass (set by TurboQuantCache.update): lets per-forward work on the attention mask
+        # be done by the first layer only (hf_turbo.attention); None when the layer is updated on its own
+        self.step_token: object | None = None
+        self._storage_changed()
+
+    def _storage_changed(self) -> None:
+        """Forget the kernels' host-side state (launch plans holding the pools), after the pools were replaced."""
+        self.kernel_cache: dict[str, Any] = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -200,6 +208,7 @@ class TurboLayer(DynamicLayer):
                     new[name][:, :, : self.n_blocks] = tensor[:, :, : self.n_blocks]
             self.pools[b] = new
         self.capacity = cap
+        self._storage_changed()
 
     def _compress(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """BPQ ``k, v [B, H, nb * block_size, D]`` into the pools (blocks ``n_blocks ..``)."""
@@ -264,9 +273,11 @@ class TurboLayer(DynamicLayer):
 
     # ------------------------------------------------------------------ the transformers API
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, turbo_reader: bool = False, **kwargs
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, turbo_reader: bool = False,
+        step_token: object | None = None, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``key_states, value_states [B, H, T, D]``; return what the attention function reads."""
+        self.step_token = step_token
         validate_kv("key_states", key_states, check_finite=False)
         validate_kv("value_states", value_states, check_finite=False)
         if key_states.shape != value_states.shape:
@@ -289,7 +300,8 @@ class TurboLayer(DynamicLayer):
             validate_kv("value_states", value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        key_states, value_states = key_states.to(self.dtype), value_states.to(self.dtype)
+        if key_states.dtype != self.dtype or value_states.dtype != self.dtype:
+            key_states, value_states = key_states.to(self.dtype), value_states.to(self.dtype)
         self.cumulative_length += key_states.shape[-2]
 
         if not self.turbo.quantize:
@@ -387,6 +399,7 @@ class TurboLayer(DynamicLayer):
         for pool in self.pools.values():
             for name in list(pool):
                 pool[name] = fn(pool[name])
+        self._storage_changed()
         self.buffer_k, self.buffer_v = fn(self.buffer_k), fn(self.buffer_v)
         if self._tail_k is not None:
             self._tail_k, self._tail_v = fn(self._tail_k), fn(self._tail_v)
@@ -431,6 +444,7 @@ class TurboLayer(DynamicLayer):
         self._tail_k = self._tail_v = None
         self.blocks_before = self.n_blocks
         self.cumulative_length = target
+        self._storage_changed()
 
     # ------------------------------------------------------------------ memory
     def nbytes(self) -> int:
@@ -545,6 +559,7 @@ class TurboQuantCache(Cache):
 
     def __init__(self, config: Any = None, turbo: TurboConfig | None = None, **overrides: Any):
         self.turbo = resolve_turbo_config(config, turbo, **overrides)
+        self._step_token: object | None = None
         self.model_config = config
         text = _text_config(config)
         model_scope = self.turbo.quantize and self.turbo.int2_scope == "model" and _wants_low_heads(self.turbo)
@@ -567,11 +582,15 @@ class TurboQuantCache(Cache):
             super().__init__(layer_class_to_replicate=functools.partial(TurboLayer, self.turbo))
 
     def reader_is_turbo(self) -> bool:
-        """True when the model that fills this cache runs the "turbo" attention (checked on every update)."""
+        """True when the model that fills this cache runs the "turbo" attention (checked at every forward pass)."""
         return getattr(self.model_config, "_attn_implementation", None) == "turbo"
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        return super().update(key_states, value_states, layer_idx, *args, turbo_reader=self.reader_is_turbo(), **kwargs)
+        if layer_idx == 0 or self._step_token is None:  # a new forward pass: its token, its attention reader
+            self._step_token = object()
+            self._turbo_reader = self.reader_is_turbo()
+        return super().update(key_states, value_states, layer_idx, *args, turbo_reader=self._turbo_reader,
+                              step_token=self._step_token, **kwargs)
 
     def nbytes(self) -> int:
         """Bytes held by all layers (codes, scales, zero points, FP16 buffer)."""

@@ -8,6 +8,7 @@ nothing pretends to be fast.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from .quant.attention import KVSegment, int8_segments, turbo_attention_reference
 
 _warned: set[str] = set()
+_backends: dict = {}  # (device, TRITON_INTERPRET) -> kernels module or None
 
 
 def _warn_once(msg: str) -> None:
@@ -24,7 +26,16 @@ def _warn_once(msg: str) -> None:
 
 
 def kernel_backend(device: torch.device):
-    """The kernels module if Triton kernels can run on ``device``, else None (with the reason warned once)."""
+    """The kernels module if Triton kernels can run on ``device``, else None (with the reason warned once).
+
+    Decided once per device (and ``TRITON_INTERPRET`` setting): it is asked on every layer of every decode step."""
+    key = (device, os.environ.get("TRITON_INTERPRET"))
+    if key not in _backends:
+        _backends[key] = _find_backend(device)
+    return _backends[key]
+
+
+def _find_backend(device: torch.device):
     if device.type != "cuda":
         return None
     try:
@@ -51,12 +62,25 @@ def _backend_for(device: torch.device, turbo):
     return backend
 
 
-def left_padding(key_mask: torch.Tensor | None) -> torch.Tensor | None:
+def left_padding(key_mask: torch.Tensor | None, step_token: object | None = None) -> torch.Tensor | None:
     """``key_mask [B, S]`` (True = real) -> int32 ``[B]`` count of leading padding, or None without padding.
 
-    Raises if the mask is not left padding (a hole after a real token), which the kernels do not express."""
+    Raises if the mask is not left padding (a hole after a real token), which the kernels do not express. The check
+    synchronizes with the device, so with a ``step_token`` (:attr:`hf_turbo.cache.TurboLayer.step_token`, one per
+    forward pass) the result is kept on the mask tensor, which every layer of that forward passes: computed by the
+    first layer, reused by the others, recomputed in the next forward."""
     if key_mask is None:
         return None
+    cached = getattr(key_mask, "_hf_turbo_pad", None)
+    if step_token is not None and cached is not None and cached[0] is step_token:
+        return cached[1]
+    start = _left_padding(key_mask)
+    if step_token is not None:
+        key_mask._hf_turbo_pad = (step_token, start)
+    return start
+
+
+def _left_padding(key_mask: torch.Tensor) -> torch.Tensor:
     km = key_mask.to(torch.bool)
     start = (~km).to(torch.int32).cumprod(dim=-1).sum(dim=-1)
     expect = torch.arange(km.shape[-1], device=km.device)[None, :] >= start[:, None]
@@ -78,7 +102,8 @@ def attend_layer(query: torch.Tensor, layer, *, sm_scale: float, causal: bool, k
     backend = _backend_for(query.device, t)
     if backend is not None:
         return backend.attend_layer(
-            query, layer, sm_scale=sm_scale, causal=causal, pad=left_padding(key_mask), sliding_window=sliding_window
+            query, layer, sm_scale=sm_scale, causal=causal, pad=left_padding(key_mask, layer.step_token),
+            sliding_window=sliding_window,
         )
     return turbo_attention_reference(
         query,

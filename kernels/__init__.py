@@ -27,7 +27,8 @@ import os
 
 import torch
 
-from .prefill import prefill, unsupported  # noqa: F401
+from .decode import decode_layer, use_decode
+from .prefill import check_supported, launch_prefill, prefill, quantize_kv_segment, unsupported  # noqa: F401
 from .quantize_pack import compress_into  # noqa: F401
 
 
@@ -53,9 +54,6 @@ def unavailable_reason(device, allow_interpreter: bool = False) -> str | None:
 def attend_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=None, split=None, **decode_tuning):
     """Attention of ``query [B, Hq, Sq, D]`` over a :class:`~hf_turbo.cache.TurboLayer`'s state for this step.
     ``decode_tuning``: launch options of :func:`.decode.decode_layer` (benchmarks)."""
-    from .decode import decode_layer, use_decode
-    from .prefill import check_supported, launch_prefill, quantize_kv_segment
-
     turbo = layer.turbo
     check_supported(turbo)
     bs = turbo.block_size

@@ -23,10 +23,25 @@ import triton
 _DIRECT_RUN = tuple(int(x) for x in triton.__version__.split(".")[:2]) == (3, 6)
 
 
-def _current_stream():
+def _current_stream(device_index=None):
     from triton.runtime import driver
 
-    return driver.active.get_current_stream(driver.active.get_current_device())
+    if device_index is None:
+        device_index = driver.active.get_current_device()
+    return driver.active.get_current_stream(device_index)
+
+
+def _arg_spec(a, specialized: bool):
+    """What Triton specializes a runtime argument on (see the module docstring)."""
+    cls = a.__class__
+    if cls is int:
+        wide = not -(2**31) <= a < 2**31
+        return (a == 1) + 2 * (a % 16 == 0) + 4 * wide if specialized else 8 + 4 * wide
+    if cls is torch.Tensor or isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() & 15 == 0)
+    if cls is bool:
+        return ("b", a)
+    return cls
 
 
 def _hooks_active() -> bool:
@@ -56,22 +71,12 @@ class CachedLauncher:
         self.compiled: dict = {}
 
     def _key(self, args, kwargs):
-        parts = [tuple(kwargs.items())]
-        add = parts.append
-        tensor = torch.Tensor
-        for a, spec in zip(args, self.specialized):
-            cls = a.__class__
-            if cls is tensor or isinstance(a, tensor):
-                add(a.dtype)
-                add(a.data_ptr() & 15 == 0)
-            elif cls is int:
-                add((a == 1) + 2 * (a % 16 == 0) + 4 * (not -(2**31) <= a < 2**31) if spec else
-                    8 + 4 * (not -(2**31) <= a < 2**31))
-            elif cls is bool:
-                add(("b", a))
-            else:
-                add(cls)
-        return tuple(parts)
+        return (tuple(kwargs.items()), *map(_arg_spec, args, self.specialized))
+
+    def bind(self, args, kwargs, varying) -> BoundLaunch:
+        """A :class:`BoundLaunch` of this kernel with ``args``/``kwargs``, whose positions ``varying`` change from
+        call to call (the others are fixed)."""
+        return BoundLaunch(self, args, kwargs, varying)
 
     def __getitem__(self, grid):
         grid3 = tuple(grid) + (1,) * (3 - len(grid))  # the compiled handle indexes all three grid dimensions
@@ -86,12 +91,51 @@ class CachedLauncher:
                 if kernel is not None and hasattr(kernel, "__getitem__") and hasattr(kernel, "packed_metadata"):
                     self.compiled[key] = kernel
                 return kernel
-            constexprs = (kwargs.get(n, self.defaults[n]) for n in self.constexpr_names)
-            if _DIRECT_RUN and not _hooks_active():
-                kernel.run(*grid3, _current_stream(), kernel.function, kernel.packed_metadata, None, None, None,
-                           *args, *constexprs)
-            else:
-                kernel[grid3](*args, *constexprs)
+            _run_compiled(kernel, grid3, args, self.constexprs_of(kwargs))
             return kernel
 
         return launch
+
+    def constexprs_of(self, kwargs) -> tuple:
+        return tuple(kwargs.get(n, self.defaults[n]) for n in self.constexpr_names)
+
+
+def _run_compiled(kernel, grid3, args, constexprs, device_index=None) -> None:
+    """Launch an already compiled kernel (Triton 3.6: straight through its launcher, unless a hook is active)."""
+    if _DIRECT_RUN and not _hooks_active():
+        kernel.run(*grid3, _current_stream(device_index), kernel.function, kernel.packed_metadata, None, None, None,
+                   *args, *constexprs)
+    else:
+        kernel[grid3](*args, *constexprs)
+
+
+class BoundLaunch:
+    """Repeated launches of one kernel whose runtime arguments change only at the positions ``varying``: a decode
+    step launches the same kernel with the same pools and constants and only a new query, output and tail.
+
+    ``bound(grid, *values)`` launches with ``values`` at the ``varying`` positions. Only those values are checked
+    against the specialization of the kernel compiled on the first call (the fixed arguments cannot change); any
+    difference goes through :class:`CachedLauncher`'s full key (compiling if needed). The owner makes a new one
+    when a fixed argument changes (new pools, new constants)."""
+
+    def __init__(self, launcher: CachedLauncher, args, kwargs, varying):
+        self.launcher = launcher
+        self.template = list(args)
+        self.kwargs = dict(kwargs)
+        self.varying = tuple(varying)
+        self.var_specialized = [launcher.specialized[i] for i in self.varying] if launcher.ok else []
+        self.constexprs = launcher.constexprs_of(kwargs) if launcher.ok else ()
+        self.kernel = None
+        self.var_spec = None
+
+    def __call__(self, grid, *values, device_index=None):
+        args = self.template.copy()
+        for i, v in zip(self.varying, values):
+            args[i] = v
+        spec = tuple(map(_arg_spec, values, self.var_specialized))
+        if self.kernel is None or spec != self.var_spec:
+            kernel = self.launcher[grid](*args, **self.kwargs)
+            if kernel is not None and hasattr(kernel, "packed_metadata"):
+                self.kernel, self.var_spec = kernel, spec
+            return
+        _run_compiled(self.kernel, tuple(grid) + (1,) * (3 - len(grid)), args, self.constexprs, device_index)

@@ -10,12 +10,13 @@
 * the FP16 tail (old buffer + this step's tokens) is read as FP16 and quantized to INT8 per block in registers with
   the stage-1 helpers of :mod:`.quantize_pack`, as the reference quantizes it (same codes and scales);
 * the context (compressed tiles then tail tiles, in position order) is split over ``split`` programs; each writes its
-  unnormalized ``acc``, running max ``m`` and sum ``l``; :func:`_merge_kernel` combines them by log-sum-exp.
+  unnormalized ``acc``, running max ``m`` and sum ``l``, and the last program of a (sequence, KV head) to finish
+  combines them by log-sum-exp (:func:`_merge_splits`; an arrival counter per program, reset by the merger).
 * ragged batches: left padding ``pad[B]`` masks the first keys of each row.
 
 Q is read in its own dtype and quantized in the kernel, stage-1 INT8 per (head, ``block_m`` rows) like the reference
-(one row for Sq = 1). Per step and layer that is one decode launch per bit-width pool plus the merge: no separate
-quantization launches. Step-varying integers (context length, tail length, splits) are not specialized by Triton, so
+(one row for Sq = 1). Per step and layer that is one decode launch per bit-width pool: no separate quantization or
+merge launches (a launch costs more host time than the GPU time of a decode at batch 1). Step-varying integers (context length, tail length, splits) are not specialized by Triton, so
 generation does not recompile as the context grows.
 
 Split semantics: SAS and P·127 are evaluated relative to the running max a split has seen, so a split run is a
@@ -55,7 +56,7 @@ def _load_comp_tile(kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz
 @triton.jit(do_not_specialize=["NSPLIT", "CAP", "n_comp", "T_seg", "seg_start", "q_start"])
 def _decode_kernel(
     q_ptr, sqb, sqh, sqs, sqd, q_mult, Hq,
-    acc_ptr, m_ptr, l_ptr, NSPLIT, o_ptr, sob, soh, sos, sod,
+    acc_ptr, m_ptr, l_ptr, lock_ptr, NSPLIT, o_ptr, sob, soh, sos, sod,
     hmap_ptr, pad_ptr,
     kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, HB, CAP, n_comp,
     tk_ptr, stkb, stkh, stkt, stkd, tv_ptr, stvb, stvh, stvt, stvd, T_seg, seg_start,
@@ -170,41 +171,49 @@ def _decode_kernel(
             acc, m_i, l_i = online_update(acc, m_i, l_i, s, vis, v, vsc,
                                           EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8, SKIP_EMPTY,
                                           FOLD_V=FOLD_V)
-    if DIRECT:  # one program holds the whole context: normalize and write the output (no merge launch)
+    if DIRECT:  # one program holds the whole context: normalize and write the output (no merge)
         o = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
-        tl.store(o_ptr + b * sob + hq[:, None] * soh + i[:, None] * sos + d[None, :] * sod,
-                 o.to(o_ptr.dtype.element_ty), mask=rvalid[:, None] & dm[None, :])
     else:
         prow = row * NSPLIT + sp
         tl.store(m_ptr + prow, m_i, mask=rvalid)
         tl.store(l_ptr + prow, l_i, mask=rvalid)
         tl.store(acc_ptr + prow[:, None] * DP + d[None, :], acc, mask=rvalid[:, None])
+        # the last split of this (sequence, KV head) to finish merges all of them (no merge launch): every thread's
+        # partial stores are issued (barrier) and released (acq_rel) before the counter moves; the last program
+        # reads the partials from L2 (.cg) and resets the counter for the next step
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+        if arrived != NSPLIT - 1:
+            return
+        o = _merge_splits(acc_ptr, m_ptr, l_ptr, row, rvalid, d, NSPLIT, BLOCK_M, DP, EXP_MODE)
+        tl.atomic_xchg(lock_ptr + pid, 0)
+    tl.store(o_ptr + b * sob + hq[:, None] * soh + i[:, None] * sos + d[None, :] * sod,
+             o.to(o_ptr.dtype.element_ty), mask=rvalid[:, None] & dm[None, :])
 
 
-@triton.jit(do_not_specialize=["NSPLIT"])
-def _merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, sob, soh, sos, sod, Hq, Sq, NSPLIT, D, m_to_log2,
-                  NSP: tl.constexpr, DP: tl.constexpr):
-    row = tl.program_id(0)
-    i = row % Sq
-    hq = (row // Sq) % Hq
-    b = row // (Sq * Hq)
-    s = tl.arange(0, NSP)
-    sm = s < NSPLIT
-    m = tl.load(m_ptr + row * NSPLIT + s, mask=sm, other=float("-inf"))
-    l = tl.load(l_ptr + row * NSPLIT + s, mask=sm, other=0.0)
-    mx = tl.max(m, axis=0)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp2((m - mx_safe) * m_to_log2))
-    d = tl.arange(0, DP)
-    acc = tl.load(acc_ptr + (row * NSPLIT + s)[:, None] * DP + d[None, :], mask=sm[:, None], other=0.0)
-    num = tl.sum(acc * w[:, None], axis=0)
-    den = tl.sum(l * w, axis=0)
-    out = tl.where(den > 0, num / tl.maximum(den, 1e-30), 0.0)
-    tl.store(o_ptr + b * sob + hq * soh + i * sos + d * sod, out.to(o_ptr.dtype.element_ty), mask=d < D)
+@triton.jit
+def _merge_splits(acc_ptr, m_ptr, l_ptr, row, rvalid, d, NSPLIT,
+                  BLOCK_M: tl.constexpr, DP: tl.constexpr, EXP_MODE: tl.constexpr):
+    """Log-sum-exp merge of the ``NSPLIT`` partial ``(acc, m, l)`` of rows ``row``: the normalized output, float32
+    ``[BLOCK_M, DP]``. The partial maxima are in log2 units (natural units for SAS base e, EXP_MODE 1)."""
+    to_log2 = 1.4426950408889634 if EXP_MODE == 1 else 1.0  # log2(e)
+    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for sp in range(NSPLIT):
+        mx = tl.maximum(mx, tl.load(m_ptr + row * NSPLIT + sp, mask=rvalid, other=float("-inf"), cache_modifier=".cg"))
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    num = tl.zeros([BLOCK_M, DP], tl.float32)
+    den = tl.zeros([BLOCK_M], tl.float32)
+    for sp in range(NSPLIT):
+        prow = row * NSPLIT + sp
+        m = tl.load(m_ptr + prow, mask=rvalid, other=float("-inf"), cache_modifier=".cg")
+        w = tl.where(m == float("-inf"), 0.0, tl.exp2((m - mx) * to_log2))
+        den += w * tl.load(l_ptr + prow, mask=rvalid, other=0.0, cache_modifier=".cg")
+        num += w[:, None] * tl.load(acc_ptr + prow[:, None] * DP + d[None, :], mask=rvalid[:, None], other=0.0,
+                                    cache_modifier=".cg")
+    return tl.where(den[:, None] > 0, num / tl.maximum(den, 1e-30)[:, None], 0.0)
 
 
 _DECODE = CachedLauncher(_decode_kernel)  # launched once per layer per token: see _launch.py
-_MERGE = CachedLauncher(_merge_kernel)
 
 
 def use_decode(sq: int, g: int, split) -> bool:
@@ -217,89 +226,152 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_split(bsz: int, hkv: int, total_tiles: int, on_gpu: bool, mult: int = 4, direct_tiles: int = 64) -> int:
-    """Context splits per (sequence, KV head): enough programs for ``mult`` per SM, at least 4 tiles each. Contexts
-    of at most ``direct_tiles`` tiles are not split: one program per KV head writes the output itself, which saves
-    the merge launch (at those lengths the host's launch cost exceeds the GPU time a split would save)."""
-    if not on_gpu or total_tiles <= direct_tiles:
+def choose_split(bsz: int, hkv: int, total_tiles: int, on_gpu: bool, mult: int = 4, max_split: int = 32) -> int:
+    """Context splits per (sequence, KV head): enough programs for ``mult`` per SM, at least 4 tiles each, at most
+    ``max_split``: the last split to finish merges the partials one after another, so past the point where the GPU
+    is full more splits only lengthen the merge (eval/results/decode_tuning.json: batch 1, 32k context)."""
+    if not on_gpu or total_tiles < 8:
         return 1
     want = math.ceil(mult * _sm_count(torch.cuda.current_device()) / max(1, bsz * hkv))
-    return max(1, min(want, total_tiles // 4 if total_tiles >= 8 else 1, 64))
+    return max(1, min(want, total_tiles // 4, max_split))
 
 
 def _head_maps(layer, device) -> dict:
     """int32 head indices per bit-width pool, converted once per layer (not once per step)."""
-    cached = getattr(layer, "_kernel_head_maps", None)
+    cached = layer.kernel_cache.get("head_maps")
     if cached is None or cached[0] is not layer.groups:
         maps = {b: idx.to(device=device, dtype=torch.int32) for b, idx in layer.groups.items() if idx.numel()}
-        cached = (layer.groups, maps)
-        layer._kernel_head_maps = cached
+        cached = layer.kernel_cache["head_maps"] = (layer.groups, maps)
     return cached[1]
 
 
+# runtime arguments of _decode_kernel that change from step to step (the others are fixed for a layer's pools,
+# scratch and constants): the query and its strides, NSPLIT, the output, the padding, n_comp, the tail and its
+# strides, T_seg, seg_start and q_start
+_DECODE_VARYING = (0, 1, 2, 3, 4, 11, 12, 18, 29, *range(30, 42), 43)
+
+
+class _DecodePlan:
+    """The fixed part of a layer's decode launches (pools, head maps, split scratch, constants), built once and
+    reused by every step until something fixed changes (see :func:`_plan`); each launch binds its fixed arguments
+    (:class:`~._launch.BoundLaunch`), so a step only supplies the query, output, tail and lengths."""
+
+    def __init__(self, query, layer, sm_scale, causal, has_pad, sliding_window, has_comp, has_seg, tuning):
+        turbo = layer.turbo
+        bsz, hq, sq, d = query.shape
+        g = hq // layer.num_heads
+        exp_c = exp_constants(turbo)
+        self.q_mult = float(sm_scale) * (LOG2E if exp_c["EXP_MODE"] != 1 else 1.0)
+        self.maps = _head_maps(layer, query.device)
+        # programs per launch: each bit-width pool is its own launch, so the smallest pool decides how many splits
+        # fill the GPU (mixed precision would otherwise run two half-empty launches)
+        self.hb_min = min(hmap.numel() for hmap in self.maps.values())
+        self.tiles_per_block = turbo.block_size // turbo.block_n
+        self.dp = next_pow2(d)
+        self.out_strides = (sq * hq * d, d, hq * d, 1)  # torch.empty(B, Sq, Hq, D).transpose(1, 2)
+        num_warps, num_stages, prefetch, fold_v = tuning
+        self.window = int(sliding_window) if sliding_window is not None else 0
+        self.kwargs = dict(
+            G=g, QB=turbo.block_m, BS=turbo.block_size, BLOCK_M=max(16, next_pow2(g * sq)), BLOCK_N=turbo.block_n,
+            DP=self.dp, K_CHANNEL=turbo.k_axis == "channel", V_CHANNEL=turbo.v_axis == "channel",
+            HAS_COMP=has_comp, HAS_SEG=has_seg, CAUSAL=bool(causal), HAS_PAD=has_pad,
+            HAS_WINDOW=sliding_window is not None, PV_MODE=PV_MODES[turbo.pv], SKIP_EMPTY=turbo.exp == "sas",
+            **exp_c, PREFETCH=bool(prefetch), FOLD_V=bool(fold_v) and turbo.pv == "fp16",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        self.shape, self.device = (bsz, hq, sq, d), query.device  # no reference to the layer: it holds the plan
+        self.launches = {}
+        self.scratch_splits = 0
+        self.scratch = None
+
+    def _ensure_scratch(self, nsplit: int) -> None:
+        """Partial results of ``nsplit`` splits (``acc [B, Hq, Sq, nsplit, DP]``, ``m``, ``l`` float32) and one
+        arrival counter per program of each pool (int32, zero; the merging program resets it), kept across steps."""
+        if nsplit <= self.scratch_splits:
+            return
+        bsz, hq, sq, d = self.shape
+        f32 = dict(dtype=torch.float32, device=self.device)
+        self.scratch = (
+            torch.empty(bsz, hq, sq, nsplit, self.dp, **f32), torch.empty(bsz, hq, sq, nsplit, **f32),
+            torch.empty(bsz, hq, sq, nsplit, **f32),
+            {bits: torch.zeros(bsz * hmap.numel(), dtype=torch.int32, device=self.device)
+             for bits, hmap in self.maps.items()},
+        )
+        self.scratch_splits = nsplit
+        self.launches = {k: v for k, v in self.launches.items() if k[1]}  # split launches held the old scratch
+
+    def decode(self, layer, bits, nsplit):
+        """The bound decode launch of ``layer``'s pool ``bits`` for ``nsplit`` splits (1: one program per KV head
+        writes the output; more: the last split to finish merges)."""
+        direct = nsplit == 1
+        if not direct:
+            self._ensure_scratch(nsplit)
+        bound = self.launches.get((bits, direct))
+        if bound is None:
+            bsz, hq, sq, d = self.shape
+            hmap = self.maps[bits]
+            hb = hmap.numel()
+            if self.kwargs["HAS_COMP"]:
+                pool = layer.pools[bits]
+                cp = (pool["k_codes"], pool["k_scale"], pool["k_s2"], pool["k_zero"],
+                      pool["v_codes"], pool["v_scale"], pool["v_s2"], pool["v_zero"], hb, pool["k_scale"].shape[2], 0)
+            else:
+                cp = (hmap,) * 8 + (hb, 1, 0)
+            if direct:  # no partials: any tensor stands in for acc, m, l and the counter
+                scratch = (hmap,) * 4
+            else:
+                acc, m, l, locks = self.scratch
+                scratch = (acc, m, l, locks[bits])
+            args = [None] * 5 + [self.q_mult, hq, *scratch, None, None, *self.out_strides, hmap, None, *cp]
+            args += [None] * 12 + [sq, None, d, self.window]
+            bound = _DECODE.bind(args, dict(self.kwargs, BITS=bits, DIRECT=direct), _DECODE_VARYING)
+            self.launches[(bits, direct)] = bound
+        return bound
+
+
+def _plan(layer, query, sm_scale, causal, pad, sliding_window, has_comp, has_seg, tuning) -> _DecodePlan:
+    """The layer's cached :class:`_DecodePlan`, rebuilt when the query's shape/dtype/device, the call's constants,
+    the head groups or any pool tensor (growth, reorder, crop) differ from the last step's."""
+    pools = layer.pools
+    sig = (query.shape, query.dtype, query.device, float(sm_scale), bool(causal), pad is None, sliding_window,
+           has_comp, has_seg, tuning, id(layer.groups),
+           tuple(id(t) for b in sorted(pools) for t in pools[b].values()) if has_comp else ())
+    cached = layer.kernel_cache.get("decode_plan")
+    if cached is not None and cached[0] == sig:
+        return cached[1]
+    plan = _DecodePlan(query, layer, sm_scale, causal, pad is not None, sliding_window, has_comp, has_seg, tuning)
+    layer.kernel_cache["decode_plan"] = (sig, plan)
+    return plan
+
+
 def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=None, split=None,
-                 num_warps=4, num_stages=2, prefetch=True, fold_v=True, split_mult=4, direct_tiles=64):
+                 num_warps=4, num_stages=2, prefetch=True, fold_v=True, split_mult=4, max_split=32):
     """Decode attention of ``query [B, Hq, Sq, D]`` over ``layer``: its blocks compressed before this step and its
     FP16 tail (``layer._tail_k/_tail_v``, quantized per block inside the kernel). One decode launch per bit-width
     pool, then (when the context is split) the log-sum-exp merge; the output is written in ``[B, Sq, Hq, D]`` memory
     order (returned as a ``[B, Hq, Sq, D]`` view: transformers' layout is then free).
 
-    ``split``: context splits (default :func:`choose_split` with ``split_mult`` programs per SM; none up to
-    ``direct_tiles`` tiles, where the decode kernel normalizes and writes the output itself); ``prefetch``: issue
+    ``split``: context splits (default :func:`choose_split` with ``split_mult`` programs per SM, at most
+    ``max_split``; with one, the program normalizes and writes the output itself); ``prefetch``: issue
     the next packed tile's reads before computing on this one; ``fold_v``: FP16 PV on the INT8 codes with the V
-    scale applied after the product; ``num_warps``/``num_stages``: Triton launch options (bench_decode_tuning)."""
-    turbo = layer.turbo
+    scale applied after the product; ``num_warps``/``num_stages``: Triton launch options (bench_decode_tuning).
+
+    The host side of a step is kept small (it runs once per layer per generated token): the fixed launch arguments
+    live in a per-layer :class:`_DecodePlan`."""
     bsz, hq, sq, d = query.shape
-    hkv = layer.num_heads
-    g = hq // hkv
-    exp_c = exp_constants(turbo)
-    q_mult = float(sm_scale) * (LOG2E if exp_c["EXP_MODE"] != 1 else 1.0)
     n_comp = layer.blocks_before
-    bs = turbo.block_size
+    bs = layer.turbo.block_size
     tk, tv = layer._tail_k, layer._tail_v
     t_seg = tk.shape[2] if tk is not None else 0
-    total_tiles = n_comp * (bs // turbo.block_n) + triton.cdiv(t_seg, bs)
-    maps = _head_maps(layer, query.device)
-    # programs per launch: each bit-width pool is its own launch, so the smallest pool decides how many splits fill
-    # the GPU (mixed precision would otherwise run two half-empty launches)
-    hb_min = min(hmap.numel() for hmap in maps.values())
-    nsplit = split or choose_split(bsz, hb_min, total_tiles, query.is_cuda, split_mult, direct_tiles)
-    dp = next_pow2(d)
-    dev = query.device
-    out = torch.empty(bsz, sq, hq, d, dtype=query.dtype, device=dev).transpose(1, 2)
-    direct = nsplit == 1
-    if direct:
-        acc = m = l = out  # unused
-    else:
-        acc = torch.empty(bsz, hq, sq, nsplit, dp, dtype=torch.float32, device=dev)
-        m = torch.empty(bsz, hq, sq, nsplit, dtype=torch.float32, device=dev)
-        l = torch.empty(bsz, hq, sq, nsplit, dtype=torch.float32, device=dev)
-    block_m = max(16, next_pow2(g * sq))
-    for bits, hmap in maps.items():
-        hb = hmap.numel()
-        if n_comp:
-            pool = layer.pools[bits]
-            cp = (pool["k_codes"], pool["k_scale"], pool["k_s2"], pool["k_zero"],
-                  pool["v_codes"], pool["v_scale"], pool["v_s2"], pool["v_zero"], hb, pool["k_scale"].shape[2], n_comp)
-        else:
-            cp = (hmap,) * 8 + (hb, 1, 0)
+    plan = _plan(layer, query, sm_scale, causal, pad, sliding_window, n_comp > 0, t_seg > 0,
+                 (num_warps, num_stages, prefetch, fold_v))
+    total_tiles = n_comp * plan.tiles_per_block + (t_seg + bs - 1) // bs
+    nsplit = split or choose_split(bsz, plan.hb_min, total_tiles, query.is_cuda, split_mult, max_split)
+    out = torch.empty(bsz, sq, hq, d, dtype=query.dtype, device=query.device).transpose(1, 2)
+    for bits, hmap in plan.maps.items():
         tail = (tk, *tk.stride(), tv, *tv.stride(), t_seg, n_comp * bs) if t_seg else (hmap, 0, 0, 0, 0) * 2 + (0, 0)
-        _DECODE[(nsplit, bsz * hb)](
-            query, *query.stride(), q_mult, hq, acc, m, l, nsplit, out, *out.stride(), hmap,
-            pad if pad is not None else hmap,
-            *cp, *tail, sq, n_comp * bs + t_seg - sq, d, int(sliding_window) if sliding_window is not None else 0,
-            G=g, QB=turbo.block_m, BS=bs, BLOCK_M=block_m, BLOCK_N=turbo.block_n, DP=dp,
-            BITS=bits, K_CHANNEL=turbo.k_axis == "channel", V_CHANNEL=turbo.v_axis == "channel",
-            HAS_COMP=n_comp > 0, HAS_SEG=t_seg > 0,
-            CAUSAL=bool(causal), HAS_PAD=pad is not None, HAS_WINDOW=sliding_window is not None,
-            PV_MODE=PV_MODES[turbo.pv], SKIP_EMPTY=turbo.exp == "sas", **exp_c,
-            PREFETCH=bool(prefetch), FOLD_V=bool(fold_v) and turbo.pv == "fp16", DIRECT=direct,
-            num_warps=num_warps, num_stages=num_stages,
+        plan.decode(layer, bits, nsplit)(
+            (nsplit, bsz * hmap.numel()), query, *query.stride(), nsplit, out, pad if pad is not None else hmap,
+            n_comp, *tail, n_comp * bs + t_seg - sq, device_index=query.device.index,
         )
-    if direct:
-        return out
-    _MERGE[(bsz * hq * sq,)](
-        acc, m, l, out, *out.stride(), hq, sq, nsplit, d, 1.0 if exp_c["EXP_MODE"] != 1 else LOG2E,
-        NSP=max(2, next_pow2(nsplit)), DP=dp, num_warps=4,
-    )
     return out

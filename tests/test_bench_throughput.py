@@ -8,11 +8,12 @@ import pytest
 from hf_turbo.eval import bench_throughput as bt
 
 
-def _args(tmp_path, methods):
+def _args(tmp_path, methods, *extra):
     ap = argparse.ArgumentParser()
     bt.add_arguments(ap)
     return ap.parse_args(["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--lengths", "96:4",
-                          "--ladder", "1", "--methods", methods, "--name", "tp_smoke", "--out-dir", str(tmp_path)])
+                          "--ladder", "1", "--methods", methods, "--name", "tp_smoke", "--out-dir", str(tmp_path),
+                          *extra])
 
 
 def test_cpu_smoke_run(tmp_path, one_thread):
@@ -27,6 +28,19 @@ def test_cpu_smoke_run(tmp_path, one_thread):
     per_tok = {r["method"]: r["kv_bytes_per_token"] for r in runs if r["batch"] == 1}
     assert per_tok["turbo-mixed25-r64"] > per_tok["turbo4"]
     assert (tmp_path / "tp_smoke.png").stat().st_size > 1000
+
+
+def test_batch1_latency_rounds(tmp_path, one_thread):
+    """--latency-repeats: every method once per round, the medians and their ratio to SDPA in <name>_batch1.json."""
+    assert bt.run(_args(tmp_path, "sdpa,turbo4", "--latency-repeats", "3", "--latency-new", "3", "--latency-only")) == 0
+    assert not (tmp_path / "tp_smoke.json").exists()  # --latency-only: no throughput jobs
+    rec = json.loads((tmp_path / "tp_smoke_batch1.json").read_text())
+    assert {k: len(v) for k, v in rec["samples"].items()} == {"96/sdpa": 3, "96/turbo4": 3}
+    rows = {r["method"]: r for r in rec["rows"]}
+    assert rows["sdpa"]["ratio_vs_sdpa"] == 1.0
+    t4 = rows["turbo4"]
+    assert t4["tpot_ms_min"] <= t4["tpot_ms_median"] <= t4["tpot_ms_max"]
+    assert t4["ratio_vs_sdpa"] == t4["tpot_ms_median"] / rows["sdpa"]["tpot_ms_median"]
 
 
 def test_unknown_method_is_refused(tmp_path):

@@ -132,6 +132,32 @@ def test_attend_layer_matches_reference(d, hq, hkv, hist, sq, frac, pv, exp, bas
         e_ref = (ref.double() - exact).norm() / exact.norm()
         e_split = (out_s.cpu().double() - exact).norm() / exact.norm()
         assert e_split <= 1.5 * e_ref + 2e-3, (e_split, e_ref)
+        # the last split to finish merges and resets its arrival counter: later steps with the same scratch (another
+        # split count, then this one again) merge the same way, bit for bit
+        attend_layer(q, layer, sm_scale=sm, causal=causal, pad=padv, sliding_window=window, split=2)
+        again = attend_layer(q, layer, sm_scale=sm, causal=causal, pad=padv, sliding_window=window, split=3)
+        assert torch.equal(again, out_s)
+
+
+def test_decode_plan_leaves_the_layer_free():
+    """The decode launch plan kept on a layer (pools, split scratch) holds no reference back to it: a dropped cache
+    is freed at once, not when Python's cycle collector next runs (GPU memory would pile up until then)."""
+    import gc
+    import weakref
+
+    from hf_turbo.kernels import attend_layer
+
+    layer, _, _ = _layer(TurboConfig(), 1, 2, 64, [200, 1])
+    q = torch.randn(1, 4, 1, 64, device=DEV).half()
+    attend_layer(q, layer, sm_scale=0.125, causal=True, split=2)
+    assert "decode_plan" in layer.kernel_cache
+    alive = weakref.ref(layer)
+    gc.disable()
+    try:
+        del layer
+        assert alive() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("v_trans", [True, False])

@@ -49,7 +49,7 @@ class FakeJit:
 def test_cached_launch_reuses_only_the_same_specialization(direct, monkeypatch):
     """Both launch routes of a cached kernel: Triton's runner, and (Triton 3.6) the compiled launcher directly."""
     monkeypatch.setattr(_launch, "_DIRECT_RUN", direct)
-    monkeypatch.setattr(_launch, "_current_stream", lambda: 7)
+    monkeypatch.setattr(_launch, "_current_stream", lambda device_index=None: 7)
     fn = FakeJit()
     launch = CachedLauncher(fn)
     x = torch.zeros(64)
