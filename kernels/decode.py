@@ -289,6 +289,12 @@ class _DecodePlan:
         arrival counter per program of each pool (int32, zero; the merging program resets it), kept across steps."""
         if nsplit <= self.scratch_splits:
             return
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # memory allocated during capture belongs to the graph's pool; kept across steps it would be reused
+            raise RuntimeError(
+                f"decode_layer: {nsplit} context splits need new scratch during CUDA-graph capture; run one eager "
+                "step with the same batch and context first (or pass split= at most the splits already used)"
+            )
         bsz, hq, sq, d = self.shape
         f32 = dict(dtype=torch.float32, device=self.device)
         self.scratch = (
@@ -348,7 +354,7 @@ def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=Non
                  num_warps=4, num_stages=2, prefetch=True, fold_v=True, split_mult=4, max_split=32):
     """Decode attention of ``query [B, Hq, Sq, D]`` over ``layer``: its blocks compressed before this step and its
     FP16 tail (``layer._tail_k/_tail_v``, quantized per block inside the kernel). One decode launch per bit-width
-    pool, then (when the context is split) the log-sum-exp merge; the output is written in ``[B, Sq, Hq, D]`` memory
+    pool (a split context is merged by its last split to finish); the output is written in ``[B, Sq, Hq, D]`` memory
     order (returned as a ``[B, Hq, Sq, D]`` view: transformers' layout is then free).
 
     ``split``: context splits (default :func:`choose_split` with ``split_mult`` programs per SM, at most
