@@ -14,7 +14,8 @@ For each ``prompt:generated`` length the largest batch that fits the budget (wei
 every method) is found from two measured points of peak memory (batch 1 and 2: intercept + slope per sequence),
 then checked by running it (stepping down 10% on OOM). At that batch and at a ladder of smaller batches we measure
 time to first token (prefill of the whole batch), mean time per output token and decode throughput (generated
-tokens / decode time), greedy, a fixed number of new tokens (EOS ignored). No CUDA graphs or torch.compile (not every
+tokens / decode time), greedy, a fixed number of new tokens (EOS ignored); ``--repeats N`` keeps the median of N
+runs. ``--latency-repeats N`` adds batch-1 time per token, every method once per round over N rounds (medians). No CUDA graphs or torch.compile (not every
 method supports them). KV bytes per token are read from the cache objects (scales and buffer included) next to the
 theoretical FP16 figure.
 """
@@ -207,6 +208,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--ladder", default="1,4,16", help="smaller batches measured besides the maximum")
     ap.add_argument("--max-batch-cap", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timed generations per (method, batch); the median run by tokens/s is reported")
     ap.add_argument("--latency-repeats", type=int, default=0,
                     help="also measure batch-1 time per token: every method this many times, interleaved, at each "
                          "prompt length (written to <name>_batch1.json)")
@@ -263,7 +266,9 @@ def run(args) -> int:
             bmax = max_batch(model, method, prompt, new, budget, device, args.max_batch_cap)
             batches = sorted({b for b in (int(x) for x in args.ladder.split(",")) if b < bmax} | {bmax})
             for b in batches:
-                r = run_once(model, method, b, prompt, new, device)
+                runs = [run_once(model, method, b, prompt, new, device) for _ in range(max(1, args.repeats))]
+                r = sorted(runs, key=lambda x: x["decode_tok_s"])[len(runs) // 2]
+                r["decode_tok_s_runs"] = [x["decode_tok_s"] for x in runs]
                 r["max_batch"] = b == bmax
                 rows.append(r)
         except Exception as exc:  # one method failing must not hide the others' numbers
