@@ -7,7 +7,8 @@ For each method and batch: the time per output token over ``--new`` greedy token
 prompt), then a profile of ``--profile-steps`` further tokens: the top operators by self CPU time and by GPU time,
 the number of host-device synchronisations, kernel launches, and GPU busy time per token, and the Python functions
 with the most own time (``cProfile``, the same number of tokens). Writes
-``eval/results/profile_generation_<shape>.json``.
+``eval/results/profile_generation_<shape>.json``. ``--parts N``: layer 0's decode step timed whole and in parts
+(cache update, attention function) on the host, N calls each (``<name>_parts.json``).
 """
 
 from __future__ import annotations
@@ -129,6 +130,67 @@ def _profile_method(model, method, batch, prompt, new, steps, device):
     )
 
 
+def _host_times(fn, calls: int, before=None) -> dict[str, float]:
+    """Host time of ``calls`` calls of ``fn`` (each timed alone, no device sync: what the Python side costs while
+    the GPU keeps up), after ``before()`` when given (untimed): min and median in microseconds."""
+    xs = []
+    for _ in range(calls):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        xs.append(1e6 * (time.perf_counter() - t0))
+    xs.sort()
+    return dict(min_us=xs[0], median_us=xs[len(xs) // 2])
+
+
+def layer_parts(model, method: str, batch: int, prompt: int, calls: int, device) -> list[dict]:
+    """Host time of one decode step of layer 0, whole and in parts, for ``method``: the attention module's forward
+    (projections, rotary, cache update, attention, output projection), the cache update alone and the attention
+    function alone (after an untimed update, as in a step). Rows: ``{method, batch, prompt, part, min_us,
+    median_us}``; the module minus its two parts is the rest of the module (the same code for every method)."""
+    with attention_backends(method), torch.inference_mode():
+        return _layer_parts(model, method, batch, prompt, calls, device)
+
+
+def _layer_parts(model, method, batch, prompt, calls, device):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = "turbo" if method.startswith("turbo") else "sdpa"
+    model.set_attn_implementation(impl)
+    cfg = model.config
+    attn = model.model.layers[0].self_attn
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=device)
+    h = torch.randn(batch, 1, cfg.hidden_size, device=device, dtype=dtype)
+    pos = model.model.rotary_emb(h, torch.full((batch, 1), prompt + calls, device=device))
+    q = torch.randn(batch, cfg.num_attention_heads, 1, d, device=device, dtype=dtype)
+    kv = torch.randn(batch, cfg.num_key_value_heads, 1, d, device=device, dtype=dtype)
+    fn = ALL_ATTENTION_FUNCTIONS[impl]
+    rows = []
+
+    def fresh_cache():
+        cache = make_cache(method, model)
+        prefill(model, ids, cache, 1024)
+        return cache
+
+    cache = fresh_cache()
+    part = _host_times(lambda: attn(h, position_embeddings=pos, attention_mask=None, past_key_values=cache), calls)
+    rows.append(dict(part="attention module step", **part))
+    cache = fresh_cache()
+    rows.append(dict(part="cache update", **_host_times(lambda: cache.update(kv, kv, 0), calls)))
+    cache = fresh_cache()
+    step = {}
+
+    def update():
+        step["kv"] = cache.update(kv, kv, 0)
+
+    part = _host_times(lambda: fn(attn, q, *step["kv"], None, scaling=d**-0.5), calls, before=update)
+    rows.append(dict(part="attention function", **part))
+    return [dict(method=method, batch=batch, prompt=prompt, **r) for r in rows]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
@@ -139,6 +201,9 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--profile-steps", type=int, default=8)
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--parts", type=int, default=0,
+                    help="also time layer 0's decode step whole and in parts, this many calls each (host time; "
+                         "written to <name>_parts.json)")
     ap.add_argument("--name", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -171,6 +236,17 @@ def main(argv=None):
               "(tpot far above it = the step is bound by Python / launches, not by the GPU).",
     )
     print("wrote", path)
+    if args.parts:
+        parts = [r for b in map(int, args.batches.split(",")) for m in args.methods.split(",")
+                 for r in layer_parts(model, m, b, args.prompt, args.parts, device)]
+        for r in parts:
+            print(r)
+        write_result(
+            f"{name}_parts", parts, title=f"Host time of one layer's decode step, {args.shape} ({args.dtype}), "
+            f"prompt {args.prompt}", columns=["method", "batch", "part", "min_us", "median_us"],
+            notes=f"{args.parts} calls per part, each timed alone without a device sync (host time); the attention "
+                  "function is timed after an untimed cache update, as in a step.",
+        )
 
 
 if __name__ == "__main__":

@@ -26,3 +26,15 @@ def test_step_stats():
     assert s == dict(step_median_ms=2.5, step_max_ms=9.0, step_mean_ms=3.75)
     assert step_stats([4.0])["step_median_ms"] == 4.0
     assert step_stats([])["step_max_ms"] != step_stats([])["step_max_ms"]  # NaN
+
+
+def test_layer_parts_on_cpu(one_thread):
+    """The per-part host timing runs for SDPA and turbo (reference path here) and reports every part; the attention
+    function is called on a layer whose update just ran (turbo reads the layer's state through the placeholders)."""
+    from hf_turbo.eval.profile_generation import layer_parts
+
+    model = build_model("tiny", torch.device("cpu"), torch.float32)
+    for method in ("sdpa", "turbo4"):
+        rows = layer_parts(model, method, 2, 100, 5, torch.device("cpu"))
+        assert [r["part"] for r in rows] == ["attention module step", "cache update", "attention function"]
+        assert all(r["method"] == method and 0 < r["min_us"] <= r["median_us"] for r in rows)
