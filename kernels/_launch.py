@@ -16,6 +16,8 @@ every call is the normal launch.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 
@@ -42,6 +44,15 @@ def _arg_spec(a, specialized: bool):
     if cls is bool:
         return ("b", a)
     return cls
+
+
+def runtime_arg_names(fn) -> list[str]:
+    """Names of a Triton kernel's runtime (non-constexpr) parameters in order, compiled or interpreted."""
+    params = getattr(fn, "params", None)
+    if params is not None:
+        return [p.name for p in params if not p.is_constexpr]
+    sig = inspect.signature(fn.fn)  # the interpreter's function keeps no parsed parameters
+    return [n for n, p in sig.parameters.items() if "constexpr" not in str(p.annotation)]
 
 
 def _hooks_active() -> bool:
@@ -73,10 +84,10 @@ class CachedLauncher:
     def _key(self, args, kwargs):
         return (tuple(kwargs.items()), *map(_arg_spec, args, self.specialized))
 
-    def bind(self, args, kwargs, varying) -> BoundLaunch:
-        """A :class:`BoundLaunch` of this kernel with ``args``/``kwargs``, whose positions ``varying`` change from
-        call to call (the others are fixed)."""
-        return BoundLaunch(self, args, kwargs, varying)
+    def bind(self, fixed: dict, kwargs, varying) -> BoundLaunch:
+        """A :class:`BoundLaunch` of this kernel: runtime arguments ``fixed`` by name, the names in ``varying``
+        supplied at each call, ``kwargs`` its constexprs and options."""
+        return BoundLaunch(self, fixed, kwargs, varying)
 
     def __getitem__(self, grid):
         grid3 = tuple(grid) + (1,) * (3 - len(grid))  # the compiled handle indexes all three grid dimensions
@@ -110,19 +121,24 @@ def _run_compiled(kernel, grid3, args, constexprs, device_index=None) -> None:
 
 
 class BoundLaunch:
-    """Repeated launches of one kernel whose runtime arguments change only at the positions ``varying``: a decode
-    step launches the same kernel with the same pools and constants and only a new query, output and tail.
+    """Repeated launches of one kernel whose runtime arguments change only at the names ``varying``: a decode step
+    launches the same kernel with the same pools and constants and only a new query, output and tail.
 
-    ``bound(grid, *values)`` launches with ``values`` at the ``varying`` positions. Only those values are checked
-    against the specialization of the kernel compiled on the first call (the fixed arguments cannot change); any
-    difference goes through :class:`CachedLauncher`'s full key (compiling if needed). The owner makes a new one
-    when a fixed argument changes (new pools, new constants)."""
+    ``bound(grid, *values)`` launches with ``values`` for the ``varying`` names, in that order. Only those values are
+    checked against the specialization of the kernel compiled on the first call (the fixed arguments cannot change);
+    any difference goes through :class:`CachedLauncher`'s full key (compiling if needed). The owner makes a new one
+    when a fixed argument changes (new pools, new constants). Every runtime parameter must be fixed or varying."""
 
-    def __init__(self, launcher: CachedLauncher, args, kwargs, varying):
+    def __init__(self, launcher: CachedLauncher, fixed: dict, kwargs, varying):
+        names = runtime_arg_names(launcher.fn)
+        missing = [n for n in names if n not in fixed and n not in varying]
+        unknown = [n for n in (*fixed, *varying) if n not in names]
+        if missing or unknown:
+            raise ValueError(f"BoundLaunch: parameters neither fixed nor varying {missing}, not parameters {unknown}")
         self.launcher = launcher
-        self.template = list(args)
+        self.template = [fixed.get(n) for n in names]
         self.kwargs = dict(kwargs)
-        self.varying = tuple(varying)
+        self.varying = tuple(names.index(n) for n in varying)
         self.var_specialized = [launcher.specialized[i] for i in self.varying] if launcher.ok else []
         self.constexprs = launcher.constexprs_of(kwargs) if launcher.ok else ()
         self.kernel = None

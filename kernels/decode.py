@@ -245,10 +245,11 @@ def _head_maps(layer, device) -> dict:
     return cached[1]
 
 
-# runtime arguments of _decode_kernel that change from step to step (the others are fixed for a layer's pools,
-# scratch and constants): the query and its strides, NSPLIT, the output, the padding, n_comp, the tail and its
-# strides, T_seg, seg_start and q_start
-_DECODE_VARYING = (0, 1, 2, 3, 4, 11, 12, 18, 29, *range(30, 42), 43)
+# runtime arguments of _decode_kernel that change from step to step, in the order decode_layer passes them (the
+# others are fixed for a layer's pools, scratch and constants)
+_DECODE_VARYING = ("q_ptr", "sqb", "sqh", "sqs", "sqd", "NSPLIT", "o_ptr", "pad_ptr", "n_comp",
+                   "tk_ptr", "stkb", "stkh", "stkt", "stkd", "tv_ptr", "stvb", "stvh", "stvt", "stvd", "T_seg",
+                   "seg_start", "q_start")
 
 
 class _DecodePlan:
@@ -314,23 +315,25 @@ class _DecodePlan:
             self._ensure_scratch(nsplit)
         bound = self.launches.get((bits, direct))
         if bound is None:
-            bsz, hq, sq, d = self.shape
+            _, hq, sq, d = self.shape
             hmap = self.maps[bits]
-            hb = hmap.numel()
+            sob, soh, sos, sod = self.out_strides
+            fixed = dict(q_mult=self.q_mult, Hq=hq, sob=sob, soh=soh, sos=sos, sod=sod, hmap_ptr=hmap,
+                         HB=hmap.numel(), Sq=sq, D=d, window=self.window)
+            names = ("kc_ptr", "ks_ptr", "ks2_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vs2_ptr", "vz_ptr")
             if self.kwargs["HAS_COMP"]:
                 pool = layer.pools[bits]
-                cp = (pool["k_codes"], pool["k_scale"], pool["k_s2"], pool["k_zero"],
-                      pool["v_codes"], pool["v_scale"], pool["v_s2"], pool["v_zero"], hb, pool["k_scale"].shape[2], 0)
-            else:
-                cp = (hmap,) * 8 + (hb, 1, 0)
+                fields = ("k_codes", "k_scale", "k_s2", "k_zero", "v_codes", "v_scale", "v_s2", "v_zero")
+                fixed.update({n: pool[f] for n, f in zip(names, fields)}, CAP=pool["k_scale"].shape[2])
+            else:  # nothing compressed yet: any tensor stands in for the pools
+                fixed.update(dict.fromkeys(names, hmap), CAP=1)
+            scratch = ("acc_ptr", "m_ptr", "l_ptr", "lock_ptr")
             if direct:  # no partials: any tensor stands in for acc, m, l and the counter
-                scratch = (hmap,) * 4
+                fixed.update(dict.fromkeys(scratch, hmap))
             else:
                 acc, m, l, locks = self.scratch
-                scratch = (acc, m, l, locks[bits])
-            args = [None] * 5 + [self.q_mult, hq, *scratch, None, None, *self.out_strides, hmap, None, *cp]
-            args += [None] * 12 + [sq, None, d, self.window]
-            bound = _DECODE.bind(args, dict(self.kwargs, BITS=bits, DIRECT=direct), _DECODE_VARYING)
+                fixed.update(zip(scratch, (acc, m, l, locks[bits])))
+            bound = _DECODE.bind(fixed, dict(self.kwargs, BITS=bits, DIRECT=direct), _DECODE_VARYING)
             self.launches[(bits, direct)] = bound
         return bound
 

@@ -94,7 +94,7 @@ def test_bound_launch_checks_only_the_varying_arguments(direct, monkeypatch):
     fn = FakeJit()
     launcher = CachedLauncher(fn)
     x, y = torch.zeros(64), torch.zeros(32)
-    bound = launcher.bind([None, 32, None], {"BLOCK": 32, "num_warps": 4}, varying=(0, 2))
+    bound = launcher.bind({"n": 32}, {"BLOCK": 32, "num_warps": 4}, varying=("x", "m"))
     bound((4,), x, 5)  # first call: compiles (keyed launch)
     assert fn.log[-1] == ("jit", (4,), (x, 32, 5), {"BLOCK": 32, "num_warps": 4})
     bound((6, 2), y, 9)  # same specialization (aligned float tensor, unspecialized int): the compiled kernel
@@ -107,3 +107,12 @@ def test_bound_launch_checks_only_the_varying_arguments(direct, monkeypatch):
     assert fn.log[-1][0] == "jit"
     bound((6,), xd, 10)  # the bound launch follows the last specialization it saw: compiled again
     assert fn.log[-1][:3] == ("compiled", (6, 1, 1), (xd, 32, 10, 32))
+
+
+def test_bound_launch_names_every_parameter():
+    """A runtime parameter left out, or a name the kernel does not have, is refused when binding."""
+    launcher = CachedLauncher(FakeJit())
+    with pytest.raises(ValueError, match=r"neither fixed nor varying \['n'\]"):
+        launcher.bind({}, {}, varying=("x", "m"))
+    with pytest.raises(ValueError, match=r"not parameters \['k'\]"):
+        launcher.bind({"n": 1, "k": 2}, {}, varying=("x", "m"))
