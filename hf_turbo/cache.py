@@ -120,7 +120,8 @@ class TurboLayer(DynamicLayer):
         self._storage_changed()
 
     def _storage_changed(self) -> None:
-        """Forget the kernels' host-side state (launch plans holding the pools), after the pools were replaced."""
+        """Forget the kernels' host-side state (head maps, launch plans holding the pools): called whenever the head
+        groups or any pool tensor are replaced, the one place that state is invalidated."""
         self.kernel_cache: dict[str, Any] = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -180,6 +181,7 @@ class TurboLayer(DynamicLayer):
             b: torch.nonzero(self.head_bits == b).flatten().to(self.device)
             for b in sorted(set(self.head_bits.tolist()), reverse=True)
         }
+        self._storage_changed()
 
     # ------------------------------------------------------------------ pools
     def _group_dims(self, axis: str) -> int:

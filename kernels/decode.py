@@ -237,12 +237,13 @@ def choose_split(bsz: int, hkv: int, total_tiles: int, on_gpu: bool, mult: int =
 
 
 def _head_maps(layer, device) -> dict:
-    """int32 head indices per bit-width pool, converted once per layer (not once per step)."""
-    cached = layer.kernel_cache.get("head_maps")
-    if cached is None or cached[0] is not layer.groups:
+    """int32 head indices per bit-width pool, converted once per layer (``layer.kernel_cache`` is reset when the
+    head groups change), not once per step."""
+    maps = layer.kernel_cache.get("head_maps")
+    if maps is None:
         maps = {b: idx.to(device=device, dtype=torch.int32) for b, idx in layer.groups.items() if idx.numel()}
-        cached = layer.kernel_cache["head_maps"] = (layer.groups, maps)
-    return cached[1]
+        layer.kernel_cache["head_maps"] = maps
+    return maps
 
 
 # runtime arguments of _decode_kernel that change from step to step, in the order decode_layer passes them (the
@@ -339,12 +340,11 @@ class _DecodePlan:
 
 
 def _plan(layer, query, sm_scale, causal, pad, sliding_window, has_comp, has_seg, tuning) -> _DecodePlan:
-    """The layer's cached :class:`_DecodePlan`, rebuilt when the query's shape/dtype/device, the call's constants,
-    the head groups or any pool tensor (growth, reorder, crop) differ from the last step's."""
-    pools = layer.pools
+    """The layer's cached :class:`_DecodePlan`, rebuilt when the query's shape/dtype/device or the call's constants
+    differ from the last step's; the layer drops it (``kernel_cache``) whenever its head groups or pools are replaced
+    (growth, reorder, crop)."""
     sig = (query.shape, query.dtype, query.device, float(sm_scale), bool(causal), pad is None, sliding_window,
-           has_comp, has_seg, tuning, id(layer.groups),
-           tuple(id(t) for b in sorted(pools) for t in pools[b].values()) if has_comp else ())
+           has_comp, has_seg, tuning)
     cached = layer.kernel_cache.get("decode_plan")
     if cached is not None and cached[0] == sig:
         return cached[1]

@@ -160,6 +160,18 @@ def test_decode_plan_leaves_the_layer_free():
         gc.enable()
 
 
+def test_decode_plan_follows_reordered_pools():
+    """A reorder (beam search) replaces the pools: the next decode reads the new ones, not the plan's old ones."""
+    from hf_turbo.kernels import attend_layer
+
+    layer, _, _ = _layer(TurboConfig(), 2, 2, 64, [200, 1])
+    q = torch.randn(2, 4, 1, 64, device=DEV).half()
+    before = attend_layer(q, layer, sm_scale=0.125, causal=True, split=2)
+    layer.reorder_cache(torch.tensor([1, 0]))
+    after = attend_layer(q.flip(0), layer, sm_scale=0.125, causal=True, split=2)
+    assert torch.equal(after, before.flip(0))
+
+
 @pytest.mark.parametrize("v_trans", [True, False])
 def test_prefill_v_layouts(v_trans):
     """INT8 PV with V stored [D, T] (the GPU layout: reduction dim contiguous) or [T, D]: same result."""
