@@ -70,18 +70,11 @@ def _check_call(module, query, key, attention_mask, dropout, kwargs) -> None:
 
 
 def _bool_mask(attention_mask: torch.Tensor | None, step_token: object | None) -> torch.Tensor | None:
-    """The padding mask as bool. With a ``step_token`` (one per forward pass, from the cache) it is converted once
-    per forward and kept on the mask tensor, so every layer gets the same object and what is derived from it (the
-    left-padding counts, :func:`hf_turbo.ops.left_padding`) is computed once per forward, not once per layer."""
+    """The padding mask as bool, converted once per forward pass (:func:`hf_turbo.ops.per_forward`), so every layer
+    gets the same object and what is derived from it (the left-padding counts) is also computed once per forward."""
     if attention_mask is None or attention_mask.dtype == torch.bool:
         return attention_mask
-    cached = getattr(attention_mask, "_hf_turbo_bool", None)
-    if step_token is not None and cached is not None and cached[0] is step_token:
-        return cached[1]
-    mask = attention_mask.to(torch.bool)
-    if step_token is not None:
-        attention_mask._hf_turbo_bool = (step_token, mask)
-    return mask
+    return ops.per_forward(attention_mask, "_hf_turbo_bool", step_token, lambda m: m.to(torch.bool))
 
 
 def turbo_attention_forward(

@@ -62,22 +62,29 @@ def _backend_for(device: torch.device, turbo):
     return backend
 
 
+def per_forward(tensor: torch.Tensor, name: str, step_token: object | None, compute):
+    """``compute(tensor)``, kept on ``tensor`` (attribute ``name``) for the forward pass ``step_token``
+    (:attr:`hf_turbo.cache.TurboLayer.step_token`): every layer of one forward passes the same mask tensor, so the
+    first layer computes and the others reuse; the next forward (a new token) computes again. Without a token
+    nothing is kept."""
+    if step_token is None:
+        return compute(tensor)
+    cached = getattr(tensor, name, None)
+    if cached is not None and cached[0] is step_token:
+        return cached[1]
+    value = compute(tensor)
+    setattr(tensor, name, (step_token, value))
+    return value
+
+
 def left_padding(key_mask: torch.Tensor | None, step_token: object | None = None) -> torch.Tensor | None:
     """``key_mask [B, S]`` (True = real) -> int32 ``[B]`` count of leading padding, or None without padding.
 
     Raises if the mask is not left padding (a hole after a real token), which the kernels do not express. The check
-    synchronizes with the device, so with a ``step_token`` (:attr:`hf_turbo.cache.TurboLayer.step_token`, one per
-    forward pass) the result is kept on the mask tensor, which every layer of that forward passes: computed by the
-    first layer, reused by the others, recomputed in the next forward."""
+    synchronizes with the device, so with a ``step_token`` it runs once per forward pass (:func:`per_forward`)."""
     if key_mask is None:
         return None
-    cached = getattr(key_mask, "_hf_turbo_pad", None)
-    if step_token is not None and cached is not None and cached[0] is step_token:
-        return cached[1]
-    start = _left_padding(key_mask)
-    if step_token is not None:
-        key_mask._hf_turbo_pad = (step_token, start)
-    return start
+    return per_forward(key_mask, "_hf_turbo_pad", step_token, _left_padding)
 
 
 def _left_padding(key_mask: torch.Tensor) -> torch.Tensor:
