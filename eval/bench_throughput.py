@@ -7,16 +7,16 @@ Methods, same run, same weights: ``sdpa`` (SDPA + DynamicCache, the FP16/BF16 ca
 order: cuDNN first on Hopper), ``sdpa-flash`` (the same with cuDNN excluded: flash / memory-efficient kernels;
 cuDNN builds a new plan for every new key length, a per-token host cost in generation), ``turbo4`` (turbo attention +
 TurboQuantCache, all heads INT4), ``turbo-mixed`` (half the KV heads INT2), ``turbo-mixed25-r64`` (a quarter of
-the KV heads INT2, the newest 64 tokens uncompressed: the accuracy-checked mixed setting), and ``quanto4`` (transformers'
-QuantizedCache, quanto backend, 4-bit, + SDPA) when optimum-quanto imports.
+the KV heads INT2, the newest 64 tokens uncompressed: the accuracy-checked mixed setting), and ``quanto4``
+(transformers' QuantizedCache, quanto backend, 4-bit, + SDPA) when optimum-quanto imports.
 
 For each ``prompt:generated`` length the largest batch that fits the budget (weights included, the same budget for
 every method) is found from two measured points of peak memory (batch 1 and 2: intercept + slope per sequence),
 then checked by running it (stepping down 10% on OOM). At that batch and at a ladder of smaller batches we measure
 time to first token (prefill of the whole batch), mean time per output token and decode throughput (generated
 tokens / decode time), greedy, a fixed number of new tokens (EOS ignored); ``--repeats N`` keeps the median of N
-runs. ``--latency-repeats N`` adds batch-1 time per token, every method once per round over N rounds (medians). No CUDA graphs or torch.compile (not every
-method supports them). KV bytes per token are read from the cache objects (scales and buffer included) next to the
+runs. ``--latency-repeats N`` adds batch-1 time per token, every method once per round over N rounds (medians). No
+CUDA graphs or torch.compile (not every method supports them). KV bytes per token are read from the cache objects (scales and buffer included) next to the
 theoretical FP16 figure.
 """
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import statistics
 import time
 from pathlib import Path
 
@@ -59,10 +60,8 @@ def step_stats(step_ms: list[float]) -> dict[str, float]:
     """Median, max and mean of the per-step times: median << mean means spikes, not a uniformly slow step."""
     if not step_ms:
         return dict(step_median_ms=float("nan"), step_max_ms=float("nan"), step_mean_ms=float("nan"))
-    ordered = sorted(step_ms)
-    mid = len(ordered) // 2
-    median = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-    return dict(step_median_ms=median, step_max_ms=ordered[-1], step_mean_ms=sum(ordered) / len(ordered))
+    return dict(step_median_ms=statistics.median(step_ms), step_max_ms=max(step_ms),
+                step_mean_ms=statistics.fmean(step_ms))
 
 
 def profile_method(model, method, batch, prompt, new, steps, device):
@@ -140,8 +139,7 @@ def _host_times(fn, calls: int, before=None) -> dict[str, float]:
         t0 = time.perf_counter()
         fn()
         xs.append(1e6 * (time.perf_counter() - t0))
-    xs.sort()
-    return dict(min_us=xs[0], median_us=xs[len(xs) // 2])
+    return dict(min_us=min(xs), median_us=statistics.median(xs))
 
 
 def layer_parts(model, method: str, batch: int, prompt: int, calls: int, device) -> list[dict]:
@@ -232,8 +230,8 @@ def main(argv=None):
         columns=["method", "batch", "tpot_ms", "step_median_ms", "step_max_ms", "gpu_busy_ms_per_token",
                  "launches_per_token", "syncs_per_token"],
         notes="tpot_ms: wall time per output token; step_median/max_ms: the same generation with every step timed "
-              "(a device sync per token), median << mean means a few slow steps; gpu_busy: summed kernel time per token from torch.profiler "
-              "(tpot far above it = the step is bound by Python / launches, not by the GPU).",
+              "(a device sync per token), median << mean means a few slow steps; gpu_busy: summed kernel time per "
+              "token from torch.profiler (tpot far above it = the step is bound by Python / launches, not by the GPU).",
     )
     print("wrote", path)
     if args.parts:

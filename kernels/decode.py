@@ -16,8 +16,9 @@
 
 Q is read in its own dtype and quantized in the kernel, stage-1 INT8 per (head, ``block_m`` rows) like the reference
 (one row for Sq = 1). Per step and layer that is one decode launch per bit-width pool: no separate quantization or
-merge launches (a launch costs more host time than the GPU time of a decode at batch 1). Step-varying integers (context length, tail length, splits) are not specialized by Triton, so
-generation does not recompile as the context grows.
+merge launches (a launch costs more host time than the GPU time of a decode at batch 1). Step-varying integers
+(context length, tail length, splits) are not specialized by Triton, so generation does not recompile as the
+context grows.
 
 Split semantics: SAS and P·127 are evaluated relative to the running max a split has seen, so a split run is a
 (equally accurate) reordering of the reference's sequential tile walk; with ``split=1`` the tile walk, and so the
@@ -199,7 +200,8 @@ def _merge_splits(acc_ptr, m_ptr, l_ptr, row, rvalid, d, NSPLIT,
     to_log2 = 1.4426950408889634 if EXP_MODE == 1 else 1.0  # log2(e)
     mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for sp in range(NSPLIT):
-        mx = tl.maximum(mx, tl.load(m_ptr + row * NSPLIT + sp, mask=rvalid, other=float("-inf"), cache_modifier=".cg"))
+        m = tl.load(m_ptr + row * NSPLIT + sp, mask=rvalid, other=float("-inf"), cache_modifier=".cg")
+        mx = tl.maximum(mx, m)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
     num = tl.zeros([BLOCK_M, DP], tl.float32)
     den = tl.zeros([BLOCK_M], tl.float32)
