@@ -5,7 +5,7 @@
 
 For each case (batch, context; 32 q / 8 kv heads, hd 128, 4-bit) and each variant of
 :func:`hf_turbo.kernels.decode.decode_layer` (software prefetch of the next packed tile, V scale folded after the PV
-product, warps, pipeline stages, context splits per SM and their cap) it checks the output against the PyTorch
+product, integer or FP16 rebuild of the packed codes, warps, pipeline stages, how the context is split and the cap) it checks the output against the PyTorch
 reference (:func:`hf_turbo.quant.attention.turbo_attention_reference`) and times ``attend_layer`` two ways:
 
 * ``graph_us``: replay of a CUDA graph holding the calls (GPU time only: what the kernels cost);
@@ -24,22 +24,23 @@ import torch
 import triton
 from hf_turbo.eval.results import write_result
 
-BASE = dict(prefetch=False, fold_v=False, num_warps=4, num_stages=2, split_mult=2)
+BASE = dict(prefetch=True, fold_v=True, rebuild="words", num_warps=None, num_stages=1, split_mult=None)  # the default
 VARIANTS = {
-    "previous (no prefetch, V scaled to fp16, w4 s2, 2/SM)": {},
-    "prefetch": dict(prefetch=True),
-    "fold V": dict(fold_v=True),
-    "prefetch + fold V": dict(prefetch=True, fold_v=True),
-    "prefetch + fold V, w8": dict(prefetch=True, fold_v=True, num_warps=8),
-    "prefetch + fold V, w2": dict(prefetch=True, fold_v=True, num_warps=2),
-    "prefetch + fold V, s1": dict(prefetch=True, fold_v=True, num_stages=1),
-    "prefetch + fold V, s3": dict(prefetch=True, fold_v=True, num_stages=3),
-    "prefetch + fold V, 4/SM, at most 8 splits": dict(prefetch=True, fold_v=True, split_mult=4, max_split=8),
-    "prefetch + fold V, 4/SM, at most 16 splits": dict(prefetch=True, fold_v=True, split_mult=4, max_split=16),
-    "prefetch + fold V, 4/SM (default: at most 32 splits)": dict(prefetch=True, fold_v=True, split_mult=4),
-    "prefetch + fold V, 4/SM, at most 64 splits": dict(prefetch=True, fold_v=True, split_mult=4, max_split=64),
-    "prefetch + fold V, 8/SM": dict(prefetch=True, fold_v=True, split_mult=8),
-    "prefetch + fold V, 16/SM": dict(prefetch=True, fold_v=True, split_mult=16),
+    "older (no prefetch, V scaled to fp16, int rebuild, w4, s2, 2/SM)": dict(
+        prefetch=False, fold_v=False, rebuild="int", num_warps=4, num_stages=2, split_mult=2),
+    "int rebuild, w4, s2, 4/SM (the default before this session)": dict(rebuild="int", num_warps=4, num_stages=2,
+                                                                       split_mult=4),
+    "int rebuild, w4, s2, wave splits": dict(rebuild="int", num_warps=4, num_stages=2),
+    "fp16 rebuild from bytes, w4, s2, wave splits": dict(rebuild="fp16", num_warps=4, num_stages=2),
+    "fp16 rebuild from words (PTX), w4, s2, wave splits": dict(num_warps=4, num_stages=2),
+    "default: words, wave splits, w2 from 64 (sequence, KV head) pairs, s1": {},
+    "default, w1": dict(num_warps=1),
+    "default, w2": dict(num_warps=2),
+    "default, w8": dict(num_warps=8),
+    "default, 4/SM": dict(split_mult=4),
+    "default, no prefetch": dict(prefetch=False),
+    "default, s2": dict(num_stages=2),
+    "default, at most 64 splits": dict(max_split=64),
 }
 CASES = [(1, 4096), (1, 32768), (16, 4096), (16, 32768), (64, 32768)]
 

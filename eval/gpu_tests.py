@@ -1,6 +1,6 @@
 """Run the kernel test suites compiled on the GPU, and compute-sanitizer on a small generation; record the outcome.
 
-    python -m hf_turbo.eval.gpu_tests [--sanitizer]        # from the repo root, on a CUDA machine
+    python -m hf_turbo.eval.gpu_tests [--sanitizer] [--no-pytest]     # from the repo root, on a CUDA machine
 
 * ``tests/gpu`` plus the interpreted kernel tests (``tests/test_kernels_*.py``) with ``HF_TURBO_GPU_TESTS=1``, so
   they run compiled on CUDA tensors at the sizes they define; the pytest log goes to
@@ -9,7 +9,9 @@
   attention and TurboQuantCache (prefill, decode, one flush of the FP16 buffer into the packed pools); log in
   ``eval/results/compute_sanitizer.log``.
 
-Writes ``eval/results/gpu_tests.json`` (passed / failed / skipped per suite, the names of failed tests).
+Writes ``eval/results/gpu_tests.json`` (the test suites) and, with ``--sanitizer``, ``gpu_sanitizer.json``: passed /
+failed / skipped, the names of failed tests. ``--no-pytest`` runs only the sanitizer (after a kernel change that
+the suites already passed).
 """
 
 from __future__ import annotations
@@ -80,21 +82,26 @@ def tiny_generate() -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sanitizer", action="store_true", help="also run compute-sanitizer memcheck")
+    ap.add_argument("--no-pytest", action="store_true", help="skip the compiled test suites")
     ap.add_argument("--tiny-generate", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.tiny_generate:
         tiny_generate()
         return 0
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    rows = [run_pytest(RESULTS_DIR / "attention_gpu_tests.log")]
-    print(rows[-1], flush=True)
-    if args.sanitizer:
-        rows.append(run_sanitizer(RESULTS_DIR / "compute_sanitizer.log"))
-        print(rows[-1], flush=True)
-    write_result("gpu_tests", rows, title="Kernel tests on the GPU", columns=["suite", "passed", "failed", "skipped"],
-                 notes="Failed: " + "; ".join(t for r in rows for t in r["failed_tests"]) if any(
-                     r["failed"] for r in rows) else "No failures. Logs: attention_gpu_tests.log, compute_sanitizer.log.")
-    return 0 if not any(r["failed"] for r in rows) else 1
+    failed = False
+    for wanted, name, title, log, runner in (
+        (not args.no_pytest, "gpu_tests", "Kernel tests on the GPU", "attention_gpu_tests.log", run_pytest),
+        (args.sanitizer, "gpu_sanitizer", "compute-sanitizer on the GPU", "compute_sanitizer.log", run_sanitizer),
+    ):
+        if not wanted:
+            continue
+        row = runner(RESULTS_DIR / log)
+        print(row, flush=True)
+        failed |= bool(row["failed"])
+        write_result(name, [row], title=title, columns=["suite", "passed", "failed", "skipped"],
+                     notes=f"Failed: {'; '.join(row['failed_tests'])}" if row["failed"] else f"No failures. Log: {log}.")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -113,6 +113,9 @@ class TurboLayer(DynamicLayer):
         self._tail_k: torch.Tensor | None = None  # FP16 tokens from block `blocks_before` on, for this step
         self._tail_v: torch.Tensor | None = None
         self.blocks_before = 0
+        # device bool: every block flushed since the last check was finite (checked without a device sync per flush;
+        # see check_flushed_finite)
+        self._flushed_finite: torch.Tensor | None = None
         self.k_mean: torch.Tensor | None = None  # K smoothing: mu [B, H, 1, D] subtracted from every stored key
         # one object per forward pass (set by TurboQuantCache.update): lets per-forward work on the attention mask
         # be done by the first layer only (hf_turbo.attention); None when the layer is updated on its own
@@ -216,8 +219,10 @@ class TurboLayer(DynamicLayer):
         """BPQ ``k, v [B, H, nb * block_size, D]`` into the pools (blocks ``n_blocks ..``)."""
         bs = self.turbo.block_size
         nb = k.shape[-2] // bs
-        if not bool(torch.isfinite(k).all() & torch.isfinite(v).all()):  # one device sync per flush, not two
-            raise ValueError("key/value states contain NaN or Inf: the cache refuses to quantize non-finite values")
+        # recorded on the device, checked before anything reads the new blocks (check_flushed_finite): a host check
+        # here would stall every layer's flush on a device sync
+        ok = torch.isfinite(k).all() & torch.isfinite(v).all()
+        self._flushed_finite = ok if self._flushed_finite is None else self._flushed_finite & ok
         self._ensure_capacity(self.n_blocks + nb)
         backend = ops.kernel_backend(k.device)
         if backend is not None:
@@ -237,11 +242,27 @@ class TurboLayer(DynamicLayer):
                 pool[f"{kv}_zero"][:, :, sl] = st.zero
         self.n_blocks += nb
 
+    def check_flushed_finite(self) -> None:
+        """Raise if a block flushed since the last check held NaN or Inf (one device sync, only when blocks were
+        flushed since). Runs before the compressed blocks are read: at the next update (for a whole
+        :class:`TurboQuantCache` once per forward pass, for all layers together) and before any dequantized read.
+        Until then the flushed tokens are only attended from the FP16 tail they came from."""
+        flag = self._flushed_finite
+        if flag is None:
+            return
+        self._flushed_finite = None
+        if not bool(flag):
+            raise ValueError(
+                "key/value states contain NaN or Inf: the cache refuses to quantize non-finite values (found in a "
+                "block compressed by the previous step)"
+            )
+
     def rebuild_int8(self, kv: str, n_blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Compressed blocks ``[0, n_blocks)`` rebuilt to INT8 in head order.
 
         Returns ``(x8 int8 [B, H, n_blocks * block_size, D], scale float32 [B, H, n_blocks])``.
         """
+        self.check_flushed_finite()
         n = self.n_blocks if n_blocks is None else n_blocks
         bs, d = self.turbo.block_size, self.head_dim
         axis = self.turbo.k_axis if kv == "k" else self.turbo.v_axis
@@ -280,6 +301,7 @@ class TurboLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``key_states, value_states [B, H, T, D]``; return what the attention function reads."""
         self.step_token = step_token
+        self.check_flushed_finite()
         validate_kv("key_states", key_states, check_finite=False)
         validate_kv("value_states", value_states, check_finite=False)
         if key_states.shape != value_states.shape:
@@ -591,8 +613,25 @@ class TurboQuantCache(Cache):
         if layer_idx == 0 or self._step_token is None:  # a new forward pass: its token, its attention reader
             self._step_token = object()
             self._turbo_reader = self.reader_is_turbo()
+            self._check_flushed_finite()
         return super().update(key_states, value_states, layer_idx, *args, turbo_reader=self._turbo_reader,
                               step_token=self._step_token, **kwargs)
+
+    def _check_flushed_finite(self) -> None:
+        """The finiteness of every layer's blocks flushed by the previous forward pass, in one device sync."""
+        pending = [(i, layer._flushed_finite) for i, layer in enumerate(self.layers)
+                   if getattr(layer, "_flushed_finite", None) is not None]
+        if not pending:
+            return
+        ok = torch.stack([flag for _, flag in pending]).to(self.layers[pending[0][0]]._flushed_finite.device)
+        for i, _ in pending:
+            self.layers[i]._flushed_finite = None
+        if not bool(ok.all()):
+            bad = [i for (i, _), good in zip(pending, ok.tolist()) if not good]
+            raise ValueError(
+                f"key/value states of layer(s) {bad} contain NaN or Inf: the cache refuses to quantize non-finite "
+                "values (found in blocks compressed by the previous forward pass)"
+            )
 
     def nbytes(self) -> int:
         """Bytes held by all layers (codes, scales, zero points, FP16 buffer)."""

@@ -106,7 +106,10 @@ def attend_layer(query: torch.Tensor, layer, *, sm_scale: float, causal: bool, k
 
     Returns float32 ``[B, Hq, Sq, D]`` (reference) or the query dtype (kernels)."""
     t = layer.turbo
-    backend = _backend_for(query.device, t)
+    cached = layer.kernel_cache.get("backend")  # decided once per layer and device (reset with the layer's storage)
+    if cached is None or cached[0] != query.device:
+        cached = layer.kernel_cache["backend"] = (query.device, _backend_for(query.device, t))
+    backend = cached[1]
     if backend is not None:
         return backend.attend_layer(
             query, layer, sm_scale=sm_scale, causal=causal, pad=left_padding(key_mask, layer.step_token),

@@ -16,9 +16,11 @@ Contract with :mod:`hf_turbo.ops` (every function computes what the reference in
 
 ``pad`` is None or int32 ``[B]`` leading padding per row (left padding). Outputs are in the query dtype.
 
-The kernels are plain Triton (pointer arithmetic, ``out_dtype=tl.int32`` on int8 dots, no libdevice or inline asm),
-so they also run under ``TRITON_INTERPRET=1`` on CPU tensors; that is for tests, which pass
-``allow_interpreter=True``: ops dispatches to the kernels on CUDA only.
+The kernels are plain Triton (pointer arithmetic, ``out_dtype=tl.int32`` on int8 dots, no libdevice), so they also
+run under ``TRITON_INTERPRET=1`` on CPU tensors; that is for tests, which pass ``allow_interpreter=True``: ops
+dispatches to the kernels on CUDA only. The one piece of inline PTX (the decode kernel's unpacking of int32 code
+words, :func:`._tiles.word_codes_f16`) has a plain-Triton twin computing the same values, used when interpreted; the
+GPU suite checks the compiled path bit for bit against the integer rebuild.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ def attend_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=Non
     """Attention of ``query [B, Hq, Sq, D]`` over a :class:`~hf_turbo.cache.TurboLayer`'s state for this step.
     ``decode_tuning``: launch options of :func:`.decode.decode_layer` (benchmarks)."""
     turbo = layer.turbo
-    check_supported(turbo)
+    if "supported" not in layer.kernel_cache:  # once per layer (the cache is reset with the layer's storage)
+        check_supported(turbo)
+        layer.kernel_cache["supported"] = True
     bs = turbo.block_size
     bsz, hq, sq, d = query.shape
     g = hq // layer.num_heads

@@ -155,3 +155,24 @@ class BoundLaunch:
                 self.kernel, self.var_spec = kernel, spec
             return
         _run_compiled(self.kernel, tuple(grid) + (1,) * (3 - len(grid)), args, self.constexprs, device_index)
+
+
+def programs_per_sm(n_regs: int, shared: int, num_warps: int, regs_per_sm: int = 65536,
+                    smem_per_sm: int = 233472, threads_per_sm: int = 2048) -> int:
+    """Programs (blocks) of a kernel one multiprocessor holds at once, by the CUDA occupancy rules: registers are
+    allocated per warp in units of 256 from each of the four schedulers' quarter of the register file, 1 KiB of
+    shared memory is reserved per block, at most ``threads_per_sm`` threads and 32 blocks."""
+    per_warp = -(-n_regs * 32 // 256) * 256
+    by_regs = 4 * ((regs_per_sm // 4) // max(per_warp, 1)) // num_warps
+    by_smem = smem_per_sm // (shared + 1024)
+    by_threads = threads_per_sm // (32 * num_warps)
+    return max(1, min(by_regs, by_smem, by_threads, 32))
+
+
+def resident_per_sm(kernel, device_index: int) -> int:
+    """:func:`programs_per_sm` of a compiled Triton ``kernel`` on CUDA device ``device_index``."""
+    props = torch.cuda.get_device_properties(device_index)
+    return programs_per_sm(kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps,
+                           getattr(props, "regs_per_multiprocessor", 65536),
+                           getattr(props, "shared_memory_per_multiprocessor", 233472),
+                           props.max_threads_per_multi_processor)

@@ -3,6 +3,7 @@
 
 * :func:`load_packed_tile`: ``BLOCK_N`` rows of a compressed block, unpacked from INT4/INT2 (or INT8) codes and
   rebuilt to INT8 with integer ops (``quant.bpq.unpack_bits`` + ``rebuild_stage2``), returned as int32.
+* :func:`rebuild_packed_f16`: the same INT8 values built in FP16 arithmetic (decode: no int->float conversion).
 * :func:`online_update`: one softmax tile of ``quant.attention.turbo_attention_reference``: running max, SAS or exp2,
   alpha = exact exponential, P at 1/127 (INT8 PV), FP16 or FP8 PV; masked scores never contribute.
 """
@@ -19,18 +20,23 @@ LOG2E_C = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def load_packed_raw(codes_ptr, s2_ptr, z_ptr, slot, r0, d, D,
-                    BS: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, CHANNEL: tl.constexpr):
+                    BS: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, CHANNEL: tl.constexpr,
+                    WORDS: tl.constexpr = False):
     """The HBM reads of :func:`load_packed_tile`, nothing else: ``(codes, s2, z)`` of rows ``r0 .. r0 + BLOCK_N`` of
-    pool block ``slot``. ``codes``: the packed bytes ``[BLOCK_N, DP / (8 / BITS)]`` (``[BLOCK_N, DP]`` for 8 bits);
-    ``s2, z``: ``[DP]`` per channel or ``[BLOCK_N]`` per token. Split from :func:`rebuild_packed` so that a loop can
-    issue the next tile's reads before it computes on this one (software prefetch)."""
-    PPB: tl.constexpr = 8 // BITS
+    pool block ``slot``. ``codes``: the packed bytes ``[BLOCK_N, DP / (8 / BITS)]`` (``[BLOCK_N, DP]`` for 8 bits), or
+    with ``WORDS`` the same bytes as little-endian int32 words ``[BLOCK_N, DP / (32 / BITS)]`` (needs ``D * BITS``
+    divisible by 32 and a 4-byte aligned pool); ``s2, z``: ``[DP]`` per channel or ``[BLOCK_N]`` per token. Split from
+    the rebuild so that a loop can issue the next tile's reads before it computes on this one (software prefetch)."""
+    UNIT: tl.constexpr = 32 if WORDS else 8
+    PPU: tl.constexpr = UNIT // BITS
     DP: tl.constexpr = d.shape[0]
-    DPB: tl.constexpr = DP // PPB
+    DPU: tl.constexpr = DP // PPU
     rows = r0 + tl.arange(0, BLOCK_N)
-    DB = D // PPB
-    jb = tl.arange(0, DPB)
-    codes = tl.load(codes_ptr + slot * (BS * DB) + rows[:, None] * DB + jb[None, :], mask=(jb < DB)[None, :], other=0)
+    DU = D // PPU
+    ju = tl.arange(0, DPU)
+    if WORDS:
+        codes_ptr = codes_ptr.to(tl.pointer_type(tl.int32))
+    codes = tl.load(codes_ptr + slot * (BS * DU) + rows[:, None] * DU + ju[None, :], mask=(ju < DU)[None, :], other=0)
     if CHANNEL:
         dm = d < D
         s2 = tl.load(s2_ptr + slot * D + d, mask=dm, other=0)
@@ -65,6 +71,129 @@ def rebuild_packed(codes, s2, z, d, D, BLOCK_N: tl.constexpr, BITS: tl.constexpr
 
 
 @triton.jit
+def rebuild_packed_f16(codes, s2, z, BLOCK_N: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr,
+                       CHANNEL: tl.constexpr, WORDS: tl.constexpr = False, ASM: tl.constexpr = False):
+    """:func:`rebuild_packed` in FP16 arithmetic: the same INT8 values, exactly, as fp16 ``[BLOCK_N, DP]`` (the operand
+    of an FP16 dot, with no int->float conversion). A code ``c`` is OR-ed into the mantissa of 1024.0 (fp16 bits
+    0x6400 | c = 1024 + c, c < 1024), then ``(x - 1024) * s2 + z`` runs in FP16 (two FMA per element pair); every value on the way is an integer
+    of magnitude < 2048, so nothing rounds. ``codes``: bytes, or int32 words (``WORDS``, see :func:`word_codes_f16`).
+    Padded channels (``d >= D``) are not zeroed: the query is 0 there and no output column beyond ``D`` is stored."""
+    if WORDS:
+        x = word_codes_f16(codes, BLOCK_N, DP, BITS, ASM)
+        if BITS == 8:
+            x = x - 1024.0
+        else:  # (1024 + code * 2^e) * 2^-e - 1024 * 2^-e = code in one FP16 FMA (exact: powers of two)
+            PPB: tl.constexpr = 8 // BITS
+            inv = tl.exp2(-(BITS * (tl.arange(0, DP) % PPB)).to(tl.float32))
+            x = x * inv.to(tl.float16)[None, :] + (-1024.0 * inv).to(tl.float16)[None, :]
+    else:
+        byte = codes.to(tl.int32)
+        if BITS == 8:
+            c = byte | 0x6400
+        elif BITS == 4:
+            c = tl.reshape(tl.join((byte & 15) | 0x6400, (byte >> 4) | 0x6400), (BLOCK_N, DP))
+        else:
+            c02 = tl.join((byte & 3) | 0x6400, ((byte >> 4) & 3) | 0x6400)
+            c13 = tl.join(((byte >> 2) & 3) | 0x6400, (byte >> 6) | 0x6400)
+            c = tl.reshape(tl.join(c02, c13), (BLOCK_N, DP))
+        x = c.to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+    if CHANNEL:
+        v = x * s2.to(tl.float16)[None, :] + z.to(tl.float16)[None, :]
+    else:
+        v = x * s2.to(tl.float16)[:, None] + z.to(tl.float16)[:, None]
+    return v
+
+
+def _planes_asm(bits: int) -> str:
+    """PTX: one int32 word of ``32 / bits`` codes -> code k as the fp16 bits of ``1024 + code * 2^(bits * (k % (8 /
+    bits)))`` (int16 outputs ``$0 ..``, code k in output k). Per pair of neighbouring codes of one byte: a PRMT puts
+    the byte into both 16-bit halves and a LOP3 keeps one code's bits in each half and ORs in 0x6400 (1024.0), so the
+    pair lands in one register in channel order (the FP16 dot takes neighbouring channels as one register)."""
+    ppb, mask = 8 // bits, (1 << bits) - 1
+    lines = ["{", ".reg .b32 t, u;"]
+    out = 0
+    for byte in range(4):
+        if bits == 8:
+            if byte % 2:
+                continue
+            lines.append(f"prmt.b32 t, ${32 // bits}, 0, {0x4040 | byte | (byte + 1) << 8:#06x};")
+            lines.append("or.b32 t, t, 0x64006400;")
+            lines.append(f"mov.b32 {{${out}, ${out + 1}}}, t;")
+            out += 2
+            continue
+        lines.append(f"prmt.b32 u, ${32 // bits}, 0, {0x4040 | byte | byte << 8:#06x};")
+        for p in range(0, ppb, 2):
+            keep = (mask << bits * p) | (mask << bits * (p + 1)) << 16
+            lines.append(f"lop3.b32 t, u, {keep:#010x}, 0x64006400, 0xea;")
+            lines.append(f"mov.b32 {{${out}, ${out + 1}}}, t;")
+            out += 2
+    lines.append("}")
+    return "\n".join(lines)
+
+
+PLANES_ASM_2 = tl.constexpr(_planes_asm(2))
+PLANES_ASM_4 = tl.constexpr(_planes_asm(4))
+PLANES_ASM_8 = tl.constexpr(_planes_asm(8))
+
+
+@triton.jit
+def _plane(w, k: tl.constexpr, BITS: tl.constexpr):
+    """Code ``k`` of every word of ``w`` as the fp16 bits of 1024 + code * 2^(BITS * (k % (8 / BITS))) (int16): the
+    code kept at its bit position inside its byte, as :func:`_planes_asm` computes it, in plain Triton arithmetic."""
+    PPB: tl.constexpr = 8 // BITS
+    keep: tl.constexpr = ((1 << BITS) - 1) << (BITS * (k % PPB))
+    return (((w >> (8 * (k // PPB))) & keep) | 0x6400).to(tl.int16)
+
+
+@triton.jit
+def _interleave4(a0, a1, a2, a3):
+    """``[..., W]`` x4 -> ``[..., W, 2, 2]`` whose flat order is a0, a1, a2, a3 per word."""
+    return tl.join(tl.join(a0, a2), tl.join(a1, a3))
+
+
+@triton.jit
+def _interleave8(a0, a1, a2, a3, a4, a5, a6, a7):
+    return _interleave4(tl.join(a0, a4), tl.join(a1, a5), tl.join(a2, a6), tl.join(a3, a7))
+
+
+@triton.jit
+def word_codes_f16(w, BLOCK_N: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """int32 words ``[BLOCK_N, DP * BITS / 32]`` (``quant.bpq.pack_bits`` bytes, little-endian) -> fp16
+    ``[BLOCK_N, DP]`` holding ``1024 + code * 2^(BITS * (d % (8 / BITS)))`` for channel ``d``: each code OR-ed into
+    the mantissa of 1024.0 at its bit position inside its byte, no int->float conversion (:func:`code_unscale`
+    undoes the power of two). ``ASM``: packed PTX, two codes per instruction (GPU); else plain Triton (the
+    interpreter; the same values). The joins put neighbouring channels next to each other, in channel order."""
+    if BITS == 8:
+        if ASM:
+            y0, y1, y2, y3 = tl.inline_asm_elementwise(PLANES_ASM_8, "=h,=h,=h,=h,r", [w], dtype=(tl.int16,) * 4,
+                                                       is_pure=True, pack=1)
+        else:
+            y0, y1, y2, y3 = _plane(w, 0, 8), _plane(w, 1, 8), _plane(w, 2, 8), _plane(w, 3, 8)
+        c = _interleave4(y0, y1, y2, y3)
+    elif BITS == 4:
+        if ASM:
+            y0, y1, y2, y3, y4, y5, y6, y7 = tl.inline_asm_elementwise(
+                PLANES_ASM_4, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+        else:
+            y0, y1, y2, y3 = _plane(w, 0, 4), _plane(w, 1, 4), _plane(w, 2, 4), _plane(w, 3, 4)
+            y4, y5, y6, y7 = _plane(w, 4, 4), _plane(w, 5, 4), _plane(w, 6, 4), _plane(w, 7, 4)
+        c = _interleave8(y0, y1, y2, y3, y4, y5, y6, y7)
+    else:
+        if ASM:
+            (y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14,
+             y15) = tl.inline_asm_elementwise(PLANES_ASM_2, "=h," * 16 + "r", [w], dtype=(tl.int16,) * 16,
+                                              is_pure=True, pack=1)
+        else:
+            y0, y1, y2, y3 = _plane(w, 0, 2), _plane(w, 1, 2), _plane(w, 2, 2), _plane(w, 3, 2)
+            y4, y5, y6, y7 = _plane(w, 4, 2), _plane(w, 5, 2), _plane(w, 6, 2), _plane(w, 7, 2)
+            y8, y9, y10, y11 = _plane(w, 8, 2), _plane(w, 9, 2), _plane(w, 10, 2), _plane(w, 11, 2)
+            y12, y13, y14, y15 = _plane(w, 12, 2), _plane(w, 13, 2), _plane(w, 14, 2), _plane(w, 15, 2)
+        c = _interleave8(tl.join(y0, y8), tl.join(y1, y9), tl.join(y2, y10), tl.join(y3, y11),
+                         tl.join(y4, y12), tl.join(y5, y13), tl.join(y6, y14), tl.join(y7, y15))
+    return tl.reshape(c, (BLOCK_N, DP)).to(tl.float16, bitcast=True)
+
+
+@triton.jit
 def load_packed_tile(codes_ptr, s2_ptr, z_ptr, slot, r0, d, D,
                      BS: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, CHANNEL: tl.constexpr):
     """Rows ``r0 .. r0 + BLOCK_N`` of pool block ``slot`` rebuilt to INT8 values (int32 ``[BLOCK_N, DP]``)."""
@@ -74,9 +203,13 @@ def load_packed_tile(codes_ptr, s2_ptr, z_ptr, slot, r0, d, D,
 
 @triton.jit
 def scores_int8(q8, k8, qs, ks):
-    """``(Q8 . K8^T)`` exact in INT32, then ``(s * s_Q) * s_K`` in FP32. ``k8`` is ``[BLOCK_N, DP]`` int8."""
-    s = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32)
-    return (s.to(tl.float32) * qs[:, None]) * ks
+    """``(Q8 . K8^T)`` exact, then ``(s * s_Q) * s_K`` in FP32. ``q8 [M, DP]``, ``k8 [BLOCK_N, DP]``: int8 (INT32 dot)
+    or fp16 holding the same integers (FP32 dot, also exact: every partial sum is an integer below 2^24)."""
+    if q8.dtype == tl.int8:
+        s = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32).to(tl.float32)
+    else:
+        s = tl.dot(q8, tl.trans(k8), out_dtype=tl.float32)
+    return (s * qs[:, None]) * ks
 
 
 @triton.jit

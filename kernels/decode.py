@@ -35,22 +35,22 @@ import triton
 import triton.language as tl
 
 from ._common import next_pow2, stage1_codes, stage1_inv, stage1_scale
-from ._launch import CachedLauncher
-from ._tiles import load_packed_raw, online_update, prep_v, rebuild_packed, scores_int8
+from ._launch import CachedLauncher, resident_per_sm
+from ._tiles import load_packed_raw, online_update, prep_v, rebuild_packed, rebuild_packed_f16, scores_int8
 from .prefill import LOG2E, PV_MODES, exp_constants
 
 
 @triton.jit
 def _load_comp_tile(kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, bh, CAP, ti, d, D,
                     BS: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr,
-                    K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr):
+                    K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr, WORDS: tl.constexpr):
     """Every HBM read of compressed tile ``ti`` of pool row ``bh`` (packed K and V, their s2/zero and stage-1
     scales): ``(k codes, k s2, k zero, k scale, v codes, v s2, v zero, v scale)``."""
     TPB: tl.constexpr = BS // BLOCK_N
     slot = bh * CAP + ti // TPB
     r0 = (ti % TPB) * BLOCK_N
-    kc, ks2, kz = load_packed_raw(kc_ptr, ks2_ptr, kz_ptr, slot, r0, d, D, BS, BLOCK_N, BITS, K_CHANNEL)
-    vc, vs2, vz = load_packed_raw(vc_ptr, vs2_ptr, vz_ptr, slot, r0, d, D, BS, BLOCK_N, BITS, V_CHANNEL)
+    kc, ks2, kz = load_packed_raw(kc_ptr, ks2_ptr, kz_ptr, slot, r0, d, D, BS, BLOCK_N, BITS, K_CHANNEL, WORDS)
+    vc, vs2, vz = load_packed_raw(vc_ptr, vs2_ptr, vz_ptr, slot, r0, d, D, BS, BLOCK_N, BITS, V_CHANNEL, WORDS)
     return kc, ks2, kz, tl.load(ks_ptr + slot), vc, vs2, vz, tl.load(vs_ptr + slot)
 
 
@@ -70,7 +70,8 @@ def _decode_kernel(
     EXP_MODE: tl.constexpr, PV_MODE: tl.constexpr, N_R: tl.constexpr, Y_R: tl.constexpr,
     L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr, L4: tl.constexpr,
     L5: tl.constexpr, L6: tl.constexpr, L7: tl.constexpr, L8: tl.constexpr,
-    SKIP_EMPTY: tl.constexpr, PREFETCH: tl.constexpr, FOLD_V: tl.constexpr, DIRECT: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr, PREFETCH: tl.constexpr, FOLD_V: tl.constexpr, REBUILD: tl.constexpr,
+    ASM: tl.constexpr, DIRECT: tl.constexpr,
 ):
     sp = tl.program_id(0)
     pid = tl.program_id(1)
@@ -94,6 +95,8 @@ def _decode_kernel(
     q_amax = tl.where(q_amax > 0, q_amax, 1.0)
     q8 = stage1_codes(qf, stage1_inv(q_amax)[:, None]).to(tl.int8)
     qs = stage1_scale(q_amax) * q_mult
+    q16 = q8.to(tl.float16)  # the same integers, the operand of the FP16 dot over compressed tiles (REBUILD > 0)
+    WORDS: tl.constexpr = REBUILD == 2
     qpos = q_start + i
     if HAS_PAD:
         pad_b = tl.load(pad_ptr + b)
@@ -119,26 +122,31 @@ def _decode_kernel(
         # otherwise: few programs fit an SM next to the unpacked INT8 tiles)
         kc, ks2, kz, ksc, vc, vs2, vz, vsc = _load_comp_tile(
             kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, b * HB + j, CAP, tl.minimum(t_begin, n_ct - 1), d, D,
-            BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL)
+            BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL, WORDS)
         for ti in range(t_begin, c_end):
             if PREFETCH:
                 nk, nks2, nkz, nksc, nv, nvs2, nvz, nvsc = _load_comp_tile(
                     kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, b * HB + j, CAP,
-                    tl.minimum(ti + 1, c_end - 1), d, D, BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL)
+                    tl.minimum(ti + 1, c_end - 1), d, D, BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL, WORDS)
             else:
                 kc, ks2, kz, ksc, vc, vs2, vz, vsc = _load_comp_tile(
                     kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, b * HB + j, CAP, ti, d, D,
-                    BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL)
-            k8 = rebuild_packed(kc, ks2, kz, d, D, BLOCK_N, BITS, K_CHANNEL)
-            s = scores_int8(q8, k8.to(tl.int8), qs, ksc)
+                    BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL, WORDS)
+            if REBUILD:
+                s = scores_int8(q16, rebuild_packed_f16(kc, ks2, kz, BLOCK_N, DP, BITS, K_CHANNEL, WORDS, ASM), qs, ksc)
+            else:
+                s = scores_int8(q8, rebuild_packed(kc, ks2, kz, d, D, BLOCK_N, BITS, K_CHANNEL).to(tl.int8), qs, ksc)
             kpos = ti * BLOCK_N + offs_n
             vis = rvalid[:, None] & (kpos[None, :] >= pad_b)
             if CAUSAL:
                 vis = vis & (kpos[None, :] <= qpos[:, None])
             if HAS_WINDOW:
                 vis = vis & (qpos[:, None] - kpos[None, :] < window)
-            v8 = rebuild_packed(vc, vs2, vz, d, D, BLOCK_N, BITS, V_CHANNEL)
-            acc, m_i, l_i = online_update(acc, m_i, l_i, s, vis, prep_v(v8, vsc, PV_MODE, FOLD_V), vsc,
+            if REBUILD:  # FP16 PV on the INT8 codes (FOLD_V), built in fp16
+                v = rebuild_packed_f16(vc, vs2, vz, BLOCK_N, DP, BITS, V_CHANNEL, WORDS, ASM)
+            else:
+                v = prep_v(rebuild_packed(vc, vs2, vz, d, D, BLOCK_N, BITS, V_CHANNEL), vsc, PV_MODE, FOLD_V)
+            acc, m_i, l_i = online_update(acc, m_i, l_i, s, vis, v, vsc,
                                           EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8, SKIP_EMPTY,
                                           FOLD_V=FOLD_V)
             if PREFETCH:
@@ -215,6 +223,9 @@ def _merge_splits(acc_ptr, m_ptr, l_ptr, row, rvalid, d, NSPLIT,
     return tl.where(den[:, None] > 0, num / tl.maximum(den, 1e-30)[:, None], 0.0)
 
 
+# rebuild of the packed codes: integer ops + INT8 dot; FP16 ops from bytes; FP16 ops from int32 words (fewest
+# instructions: two codes per shift + LOP3, see _tiles.word_codes_f16) + FP16 dots
+REBUILDS = {"int": 0, "fp16": 1, "words": 2}
 _DECODE = CachedLauncher(_decode_kernel)  # launched once per layer per token: see _launch.py
 
 
@@ -228,14 +239,37 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_split(bsz: int, hkv: int, total_tiles: int, on_gpu: bool, mult: int = 4, max_split: int = 32) -> int:
-    """Context splits per (sequence, KV head): enough programs for ``mult`` per SM, at least 4 tiles each, at most
-    ``max_split``: the last split to finish merges the partials one after another, so past the point where the GPU
-    is full more splits only lengthen the merge (eval/results/decode_tuning.json: batch 1, 32k context)."""
+def choose_split(bsz: int, hkv: int, total_tiles: int, on_gpu: bool, mult: int | None = None, max_split: int = 32,
+                 resident: int | None = None) -> int:
+    """Context splits per (sequence, KV head), at most ``max_split`` and at least 4 tiles each. The GPU runs the
+    ``bsz * hkv * split`` programs in waves of ``resident`` per SM (default 2, the decode kernel's count at hd 128 when
+    it was measured), all with the same work, so the time goes as waves x tiles per program; the split that minimizes
+    that (plus a quarter tile per split for the merge: the last split to finish reads the partials one after another)
+    is chosen, or the fewest splits within 3% of it. A wave left mostly empty costs as much as a full one (eval/results/decode_tuning.json, B=16 32k).
+    ``mult``: instead, enough splits for ``mult`` programs per SM (the rule before the wave model; benchmarks)."""
     if not on_gpu or total_tiles < 8:
         return 1
-    want = math.ceil(mult * _sm_count(torch.cuda.current_device()) / max(1, bsz * hkv))
-    return max(1, min(want, total_tiles // 4, max_split))
+    sms = _sm_count(torch.cuda.current_device())
+    pairs = max(1, bsz * hkv)
+    top = max(1, min(total_tiles // 4, max_split))
+    if mult is not None:
+        return max(1, min(math.ceil(mult * sms / pairs), top))
+    return _fewest_waves(pairs, total_tiles, sms * (resident or 2), top)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fewest_waves(pairs: int, total_tiles: int, slots: int, top: int) -> int:
+    """:func:`choose_split`'s wave model (memoized: it runs once per layer per generated token)."""
+    cost = {s: math.ceil(pairs * s / slots) * math.ceil(total_tiles / s) + 0.25 * (s > 1) * s for s in range(1, top + 1)}
+    best = min(cost.values())
+    return min(s for s, c in cost.items() if c <= 1.03 * best)  # the fewest splits within 3% of the best
+
+
+def default_warps(bsz: int, hkv: int) -> int:
+    """Warps per decode program: 2 once there are enough (sequence, KV head) pairs to fill the GPU without many
+    splits (more programs per SM, half the cross-warp softmax reductions: B=16 and B=64 at 32k context ran 1.2x
+    faster than with 4 warps, eval/results/decode_tuning.json), else 4 (batch 1 ran faster with 4)."""
+    return 2 if bsz * hkv >= 64 else 4
 
 
 def _head_maps(layer, device) -> dict:
@@ -273,7 +307,7 @@ class _DecodePlan:
         self.tiles_per_block = turbo.block_size // turbo.block_n
         self.dp = next_pow2(d)
         self.out_strides = (sq * hq * d, d, hq * d, 1)  # torch.empty(B, Sq, Hq, D).transpose(1, 2)
-        num_warps, num_stages, prefetch, fold_v = tuning
+        num_warps, num_stages, prefetch, fold_v, rebuild = tuning
         self.window = int(sliding_window) if sliding_window is not None else 0
         self.kwargs = dict(
             G=g, QB=turbo.block_m, BS=turbo.block_size, BLOCK_M=max(16, next_pow2(g * sq)), BLOCK_N=turbo.block_n,
@@ -281,10 +315,13 @@ class _DecodePlan:
             HAS_COMP=has_comp, HAS_SEG=has_seg, CAUSAL=bool(causal), HAS_PAD=has_pad,
             HAS_WINDOW=sliding_window is not None, PV_MODE=PV_MODES[turbo.pv], SKIP_EMPTY=turbo.exp == "sas",
             **exp_c, PREFETCH=bool(prefetch), FOLD_V=bool(fold_v) and turbo.pv == "fp16",
-            num_warps=num_warps, num_stages=num_stages,
+            REBUILD=REBUILDS[rebuild] if fold_v and turbo.pv == "fp16" else 0,
+            ASM=query.device.type == "cuda",  # packed PTX when compiled; plain Triton in the interpreter
+            num_warps=num_warps or default_warps(bsz, self.hb_min), num_stages=num_stages,
         )
         self.shape, self.device = (bsz, hq, sq, d), query.device  # no reference to the layer: it holds the plan
         self.launches = {}
+        self.resident = None  # programs per SM of the compiled kernel, known after its first launch (choose_split)
         self.scratch_splits = 0
         self.scratch = None
 
@@ -324,10 +361,13 @@ class _DecodePlan:
             fixed = dict(q_mult=self.q_mult, Hq=hq, sob=sob, soh=soh, sos=sos, sod=sod, hmap_ptr=hmap,
                          HB=hmap.numel(), Sq=sq, D=d, window=self.window)
             names = ("kc_ptr", "ks_ptr", "ks2_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vs2_ptr", "vz_ptr")
+            kwargs = dict(self.kwargs, BITS=bits, DIRECT=direct)
             if self.kwargs["HAS_COMP"]:
                 pool = layer.pools[bits]
                 fields = ("k_codes", "k_scale", "k_s2", "k_zero", "v_codes", "v_scale", "v_s2", "v_zero")
                 fixed.update({n: pool[f] for n, f in zip(names, fields)}, CAP=pool["k_scale"].shape[2])
+                if kwargs["REBUILD"] == 2 and (d * bits % 32 or any(pool[f].data_ptr() % 4 for f in fields[::4])):
+                    kwargs["REBUILD"] = 1  # word loads need whole words per row and 4-byte aligned pools
             else:  # nothing compressed yet: any tensor stands in for the pools
                 fixed.update(dict.fromkeys(names, hmap), CAP=1)
             scratch = ("acc_ptr", "m_ptr", "l_ptr", "lock_ptr")
@@ -336,7 +376,7 @@ class _DecodePlan:
             else:
                 acc, m, l, locks = self.scratch
                 fixed.update(zip(scratch, (acc, m, l, locks[bits])))
-            bound = _DECODE.bind(fixed, dict(self.kwargs, BITS=bits, DIRECT=direct), _DECODE_VARYING)
+            bound = _DECODE.bind(fixed, kwargs, _DECODE_VARYING)
             self.launches[(bits, direct)] = bound
         return bound
 
@@ -356,16 +396,20 @@ def _plan(layer, query, sm_scale, causal, pad, sliding_window, has_comp, has_seg
 
 
 def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=None, split=None,
-                 num_warps=4, num_stages=2, prefetch=True, fold_v=True, split_mult=4, max_split=32):
+                 num_warps=None, num_stages=1, prefetch=True, fold_v=True, rebuild="words", split_mult=None,
+                 max_split=32):
     """Decode attention of ``query [B, Hq, Sq, D]`` over ``layer``: its blocks compressed before this step and its
     FP16 tail (``layer._tail_k/_tail_v``, quantized per block inside the kernel). One decode launch per bit-width
     pool (a split context is merged by its last split to finish); the output is written in ``[B, Sq, Hq, D]`` memory
     order (returned as a ``[B, Hq, Sq, D]`` view: transformers' layout is then free).
 
-    ``split``: context splits (default :func:`choose_split` with ``split_mult`` programs per SM, at most
-    ``max_split``; with one, the program normalizes and writes the output itself); ``prefetch``: issue
-    the next packed tile's reads before computing on this one; ``fold_v``: FP16 PV on the INT8 codes with the V
-    scale applied after the product; ``num_warps``/``num_stages``: Triton launch options (bench_decode_tuning).
+    ``split``: context splits (default :func:`choose_split`: the fewest waves of programs, at most ``max_split``;
+    ``split_mult``: the older rule of that many programs per SM; with one split, the program normalizes and writes
+    the output itself); ``prefetch``: issue the next packed tile's reads before computing on this one; ``fold_v``:
+    FP16 PV on the INT8 codes with the V scale applied after the product; ``rebuild`` (with ``fold_v`` and FP16 PV):
+    "words" / "fp16" build the INT8 values of the packed codes in FP16 arithmetic from int32 words / from bytes and
+    run QK^T as an (exact) FP16 dot, "int" in integer arithmetic with an INT8 dot (:data:`REBUILDS`); ``num_warps``
+    (default :func:`default_warps`) and ``num_stages``: Triton launch options (eval/bench_decode_tuning.py).
 
     The host side of a step is kept small (it runs once per layer per generated token): the fixed launch arguments
     live in a per-layer :class:`_DecodePlan`."""
@@ -375,14 +419,17 @@ def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=Non
     tk, tv = layer._tail_k, layer._tail_v
     t_seg = tk.shape[2] if tk is not None else 0
     plan = _plan(layer, query, sm_scale, causal, pad, sliding_window, n_comp > 0, t_seg > 0,
-                 (num_warps, num_stages, prefetch, fold_v))
+                 (num_warps, num_stages, prefetch, fold_v, rebuild))
     total_tiles = n_comp * plan.tiles_per_block + (t_seg + bs - 1) // bs
-    nsplit = split or choose_split(bsz, plan.hb_min, total_tiles, query.is_cuda, split_mult, max_split)
+    nsplit = split or choose_split(bsz, plan.hb_min, total_tiles, query.is_cuda, split_mult, max_split, plan.resident)
     out = torch.empty(bsz, sq, hq, d, dtype=query.dtype, device=query.device).transpose(1, 2)
     for bits, hmap in plan.maps.items():
         tail = (tk, *tk.stride(), tv, *tv.stride(), t_seg, n_comp * bs) if t_seg else (hmap, 0, 0, 0, 0) * 2 + (0, 0)
-        plan.decode(layer, bits, nsplit)(
+        bound = plan.decode(layer, bits, nsplit)
+        bound(
             (nsplit, bsz * hmap.numel()), query, *query.stride(), nsplit, out, pad if pad is not None else hmap,
             n_comp, *tail, n_comp * bs + t_seg - sq, device_index=query.device.index,
         )
+        if plan.resident is None and bound.kernel is not None:
+            plan.resident = resident_per_sm(bound.kernel, query.device.index)
     return out

@@ -100,6 +100,35 @@ def test_nonfinite_kv(bad, which):
     assert cache.get_seq_length() == 63
 
 
+@pytest.mark.parametrize("read", ["next_forward", "dequantized"])
+def test_nonfinite_flush_is_refused_before_its_blocks_are_read(read, monkeypatch):
+    """On CUDA a decode token is not checked on arrival (a device sync per layer per token); its block is checked
+    when it is flushed, on the device, and the flag is read before anything reads the compressed block: at the
+    next forward pass (one sync for all layers) or by a dequantized read. Simulated on CPU by skipping the arrival
+    check."""
+    import hf_turbo.cache as cache_mod
+
+    real = cache_mod.validate_kv
+    monkeypatch.setattr(cache_mod, "validate_kv", lambda name, x, check_finite=True: real(name, x, check_finite=False))
+    cache = TurboQuantCache(_config())
+    cache.update(*_kv(t=63), 0)
+    k1, v1 = _kv(t=1)
+    v1[..., 3] = float("nan")
+    cache.update(k1, v1, 0)  # completes the block: flushed, flag recorded, nothing raised yet
+    assert cache.layers[0].n_blocks == 1 and cache.layers[0]._flushed_finite is not None
+    with pytest.raises(ValueError, match=r"NaN or Inf"):
+        if read == "next_forward":
+            cache.update(*_kv(t=1), 0)
+        else:
+            cache.layers[0].dequantized()
+    # a finite flush leaves nothing to report
+    good = TurboQuantCache(_config())
+    good.update(*_kv(t=63), 0)
+    good.update(*_kv(t=1), 0)
+    good.update(*_kv(t=1), 0)
+    assert good.layers[0]._flushed_finite is None
+
+
 def test_empty_input():
     cache = TurboQuantCache(_config())
     with pytest.raises(ValueError, match="key_states is empty"):

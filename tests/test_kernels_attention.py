@@ -139,6 +139,21 @@ def test_attend_layer_matches_reference(d, hq, hkv, hist, sq, frac, pv, exp, bas
         assert torch.equal(again, out_s)
 
 
+@pytest.mark.parametrize("d,frac,k_axis,v_axis", [(96, 0.5, "channel", "token"), (64, 1.0, "token", "channel"),
+                                                 (128, 0.0, "channel", "token")])
+def test_decode_fp16_rebuild_is_the_integer_rebuild(d, frac, k_axis, v_axis):
+    """The FP16 rebuild of the packed codes, from bytes or int32 words (and its FP16 QK dot), computes the same
+    integers as the integer rebuild and INT8 dot: the outputs agree bit for bit (padded head dim, 2-bit, 4-bit, both
+    stage-2 axes)."""
+    from hf_turbo.kernels import attend_layer
+
+    cfg = TurboConfig(int2_fraction=frac, pv="fp16", k_axis=k_axis, v_axis=v_axis)
+    layer, _, _ = _layer(cfg, 2, 2, d, [150, 1])
+    q = torch.randn(2, 4, 1, d, device=DEV).half()
+    outs = [attend_layer(q, layer, sm_scale=d**-0.5, causal=True, split=2, rebuild=r) for r in ("int", "fp16", "words")]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
 def test_decode_plan_leaves_the_layer_free():
     """The decode launch plan kept on a layer (pools, split scratch) holds no reference back to it: a dropped cache
     is freed at once, not when Python's cycle collector next runs (GPU memory would pile up until then)."""

@@ -116,3 +116,40 @@ def test_bound_launch_names_every_parameter():
         launcher.bind({}, {}, varying=("x", "m"))
     with pytest.raises(ValueError, match=r"not parameters \['k'\]"):
         launcher.bind({"n": 1, "k": 2}, {}, varying=("x", "m"))
+
+
+def test_programs_per_sm_follows_the_occupancy_rules():
+    from hf_turbo.kernels._launch import programs_per_sm
+
+    # the decode kernel as Nsight Compute read it on the H100 (212 registers, 53.5 KiB shared, 4 warps): its block
+    # limits were 2 by registers and 4 by shared memory
+    assert programs_per_sm(212, 54784, 4) == 2
+    assert programs_per_sm(128, 54784, 4) == 4  # shared memory limits next
+    assert programs_per_sm(32, 0, 4) == 16  # threads: 2048 / 128
+    assert programs_per_sm(16, 0, 1) == 32  # at most 32 blocks
+
+
+def test_choose_split_fills_whole_waves(monkeypatch):
+    import math
+
+    from hf_turbo.kernels import decode
+
+    monkeypatch.setattr(decode, "_sm_count", lambda _: 132)
+    monkeypatch.setattr(decode.torch.cuda, "current_device", lambda: 0)
+
+    def cost(pairs, tiles, split, slots=264):
+        return math.ceil(pairs * split / slots) * math.ceil(tiles / split)
+
+    # batch 16, 8 KV heads, 32k context (513 tiles): the old rule (4 programs per SM) gave 5 splits, 640 programs,
+    # 2.4 waves of 264; the wave model picks a split with no mostly-empty wave
+    old = decode.choose_split(16, 8, 513, True, mult=4)
+    new = decode.choose_split(16, 8, 513, True, resident=2)
+    assert old == 5 and cost(128, 513, new) < cost(128, 513, old)
+    assert math.ceil(128 * new / 264) * 264 - 128 * new < 264 // 4  # the last wave is at least 3/4 full
+    # batch 1 fills one wave up to the cap; short contexts keep 4 tiles per split; CPU runs one program
+    one = decode.choose_split(1, 8, 513, True, resident=2)
+    assert 24 <= one <= 32 and 8 * one <= 264
+    assert decode.choose_split(1, 8, 20, True, resident=2) == 5
+    # batch 64: 512 programs are already ~2 full waves, so no split (and no merge)
+    assert decode.choose_split(64, 8, 513, True, resident=2) == 1
+    assert decode.choose_split(64, 8, 513, False) == 1
