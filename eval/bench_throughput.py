@@ -16,8 +16,13 @@ then checked by running it (stepping down 10% on OOM). At that batch and at a la
 time to first token (prefill of the whole batch), mean time per output token and decode throughput (generated
 tokens / decode time), greedy, a fixed number of new tokens (EOS ignored); ``--repeats N`` keeps the median of N
 runs. ``--latency-repeats N`` adds batch-1 time per token, every method once per round over N rounds (medians). No
-CUDA graphs or torch.compile (not every method supports them). KV bytes per token are read from the cache objects (scales and buffer included) next to the
-theoretical FP16 figure.
+CUDA graphs or torch.compile (not every method supports them). KV bytes per token are read from the cache objects
+(scales and buffer included) next to the theoretical FP16 figure.
+
+``--memory-contexts 1024,4096,...``: KV-cache bytes of one sequence at each context length, read from each method's
+cache object after filling it through ``cache.update`` with random keys/values (no model run, so it also runs on a
+CPU for the full-size shapes); ``<name>_memory.json`` and a plot of memory vs context length. ``--memory-only``
+skips everything else (no model is built).
 """
 
 from __future__ import annotations
@@ -51,12 +56,19 @@ METHODS = ("sdpa", "sdpa-flash", *TURBO_METHODS, "quanto4")
 SDPA_METHODS = ("sdpa", "sdpa-flash")
 
 
-def build_model(shape: str, device: torch.device, dtype: torch.dtype):
-    """A random-weight model of ``shape`` built directly on ``device`` (no download)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def shape_config(shape: str):
+    """The transformers config of ``shape`` (see :data:`SHAPES`)."""
+    from transformers import AutoConfig
 
     model_type, kw = SHAPES[shape]
-    cfg = AutoConfig.for_model(model_type, **kw)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype):
+    """A random-weight model of ``shape`` built directly on ``device`` (no download)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = shape_config(shape)
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -215,6 +227,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "prompt length (written to <name>_batch1.json)")
     ap.add_argument("--latency-new", type=int, default=64, help="generated tokens per batch-1 latency run")
     ap.add_argument("--latency-only", action="store_true", help="only the batch-1 latency rounds (no throughput)")
+    ap.add_argument("--memory-contexts", default="",
+                    help="also measure the KV bytes of one sequence at these context lengths (comma list; written to "
+                         "<name>_memory.json)")
+    ap.add_argument("--memory-only", action="store_true", help="only the KV memory measurement (no model is built)")
     ap.add_argument("--name", default=None, help="results name (default bench_throughput_<shape>)")
     ap.add_argument("--out-dir", default=None)
 
@@ -231,6 +247,26 @@ def run(args) -> int:
         raise ValueError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    name = args.name or f"bench_throughput_{args.shape}"
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    if args.memory_contexts:
+        contexts = [int(x) for x in args.memory_contexts.split(",")]
+        available = [m for m in methods if method_available(m) is None]
+        mem = kv_memory_rows(shape_config(args.shape), available, contexts, device, dtype)
+        write_result(
+            f"{name}_memory", mem,
+            title=f"KV-cache memory of one sequence vs context length, {args.shape} ({args.dtype})",
+            columns=["method", "context", "kv_mib", "kv_bytes_per_token", "ratio_vs_fp16"],
+            notes="Bytes held by each method's cache object (codes, scales, zero points, FP16 buffer and residual) "
+                  "after filling it with random keys/values through cache.update, 1024 tokens at a time; ratio_vs_fp16:"
+                  " an FP16 cache's bytes for the same tokens over these.",
+            out_dir=out_dir,
+        )
+        _plot_memory(mem, f"{name}_memory", out_dir)
+        for row in mem:
+            print(row)
+    if args.memory_only:
+        return 0
     model = build_model(args.shape, device, dtype)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     budget = args.budget_gib * 2**30
@@ -243,8 +279,6 @@ def run(args) -> int:
     jobs = [(m, p, n) for p, n in lengths for m in methods if m not in skipped]
     for method in {m for m, _, _ in jobs}:  # warm-up: kernel compilation and allocator growth stay out of timings
         run_once(model, method, 1, 64, 4, device)
-    name = args.name or f"bench_throughput_{args.shape}"
-    out_dir = Path(args.out_dir) if args.out_dir else None
     if args.latency_repeats > 0:
         active = [m for m in methods if m not in skipped]
         lat = batch1_latency(model, active, [p for p, _ in lengths], args.latency_new, args.latency_repeats, device)
@@ -330,6 +364,64 @@ def summarize(rows: list[dict], fp16_per_token: float) -> list[dict]:
             "kv_ratio_vs_fp16": r["kv_ratio_vs_fp16"],
         })
     return summary
+
+
+@torch.inference_mode()
+def kv_memory_rows(config, methods, contexts, device, dtype, chunk: int = 1024) -> list[dict]:
+    """KV bytes of one sequence after ``context`` tokens, for each method's cache, filled through ``cache.update``
+    with random keys/values ``[1, kv_heads, <= chunk, head_dim]`` layer by layer, as a chunked prefill would (the
+    bytes do not depend on the values). Rows: ``{method, context, kv_bytes, kv_mib, kv_bytes_per_token,
+    ratio_vs_fp16}``; methods sharing a cache (``sdpa``, ``sdpa-flash``) are measured once, as ``sdpa``."""
+    from types import SimpleNamespace
+
+    from tqdm import tqdm
+
+    from hf_turbo.generate import cache_bytes
+
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    fp16_per_token = 2 * config.num_hidden_layers * heads * head_dim * 2
+    holder = SimpleNamespace(config=config)
+    todo = list(dict.fromkeys("sdpa" if m in SDPA_METHODS else m for m in methods))
+    rows = []
+    for method, context in tqdm([(m, c) for m in todo for c in contexts], desc="kv memory"):
+        cache = make_cache(method, holder)
+        for start in range(0, context, chunk):
+            n = min(chunk, context - start)
+            k = torch.randn(1, heads, n, head_dim, device=device, dtype=dtype)
+            v = torch.randn(1, heads, n, head_dim, device=device, dtype=dtype)
+            for layer in range(config.num_hidden_layers):
+                cache.update(k, v, layer)
+        kv = cache_bytes(cache)
+        rows.append(dict(method=method, context=context, kv_bytes=kv, kv_mib=kv / 2**20,
+                         kv_bytes_per_token=kv / context, ratio_vs_fp16=fp16_per_token * context / kv))
+        del cache
+        gc.collect()
+    return rows
+
+
+def _plot_memory(rows, name, out_dir) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    from hf_turbo.eval.results import RESULTS_DIR
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["context"], r["kv_mib"]) for r in rows if r["method"] == method)
+        ax.plot(*zip(*pts), marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("KV cache of one sequence (MiB)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig((out_dir or RESULTS_DIR) / f"{name}.png", dpi=100)
+    plt.close(fig)
 
 
 def _plot(rows, name, out_dir) -> None:

@@ -623,7 +623,8 @@ class TurboQuantCache(Cache):
                    if getattr(layer, "_flushed_finite", None) is not None]
         if not pending:
             return
-        ok = torch.stack([flag for _, flag in pending]).to(self.layers[pending[0][0]]._flushed_finite.device)
+        device = pending[0][1].device  # layers may live on several devices (device_map): one stack on the first
+        ok = torch.stack([flag.to(device) for _, flag in pending])
         for i, _ in pending:
             self.layers[i]._flushed_finite = None
         if not bool(ok.all()):

@@ -48,3 +48,26 @@ def test_batch1_latency_rounds(tmp_path, one_thread):
 def test_unknown_method_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown"):
         bt.run(_args(tmp_path, "sdpa,turbo5"))
+
+
+def test_kv_memory_vs_context(tmp_path, one_thread):
+    """--memory-contexts/--memory-only: bytes read from each cache object at each context, no model built; the
+    FP16 cache holds exactly the theoretical bytes, ours fewer, the residual setting more than all-INT4."""
+    assert bt.run(_args(tmp_path, "sdpa,sdpa-flash,turbo4,turbo-mixed,turbo-mixed25-r64", "--memory-contexts",
+                        "64,100,1000", "--memory-only")) == 0
+    assert not (tmp_path / "tp_smoke.json").exists()
+    rec = json.loads((tmp_path / "tp_smoke_memory.json").read_text())
+    rows = {(r["method"], r["context"]): r for r in rec["rows"]}
+    assert {m for m, _ in rows} == {"sdpa", "turbo4", "turbo-mixed", "turbo-mixed25-r64"}  # sdpa-flash: same cache
+    cfg = bt.shape_config("tiny")
+    fp16 = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    for c in (64, 100, 1000):
+        assert rows[("sdpa", c)]["kv_bytes"] == 2 * fp16 * c  # float32 in this smoke run; the ratio is to FP16
+        assert rows[("turbo4", c)]["ratio_vs_fp16"] > 1
+        assert rows[("turbo-mixed", c)]["kv_bytes"] < rows[("turbo4", c)]["kv_bytes"]
+        assert rows[("turbo-mixed25-r64", c)]["kv_bytes"] > rows[("turbo-mixed", c)]["kv_bytes"]
+    # the uncompressed buffer (36 and 40 tokens here) costs less per token the longer the context; 64 tokens fill
+    # exactly one compressed block, the floor
+    per_tok = {c: rows[("turbo4", c)]["kv_bytes_per_token"] for c in (64, 100, 1000)}
+    assert per_tok[64] < per_tok[1000] < per_tok[100]
+    assert (tmp_path / "tp_smoke_memory.png").stat().st_size > 1000
