@@ -370,6 +370,8 @@ class _DecodePlan:
                     kwargs["REBUILD"] = 1  # word loads need whole words per row and 4-byte aligned pools
             else:  # nothing compressed yet: any tensor stands in for the pools
                 fixed.update(dict.fromkeys(names, hmap), CAP=1)
+            if bits == 8:  # the FP16 rebuilds are checked on the GPU for 2- and 4-bit pools only (tests/gpu)
+                kwargs["REBUILD"] = 0
             scratch = ("acc_ptr", "m_ptr", "l_ptr", "lock_ptr")
             if direct:  # no partials: any tensor stands in for acc, m, l and the counter
                 fixed.update(dict.fromkeys(scratch, hmap))
