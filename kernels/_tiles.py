@@ -73,24 +73,22 @@ def rebuild_packed(codes, s2, z, d, D, BLOCK_N: tl.constexpr, BITS: tl.constexpr
 @triton.jit
 def rebuild_packed_f16(codes, s2, z, BLOCK_N: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr,
                        CHANNEL: tl.constexpr, WORDS: tl.constexpr = False, ASM: tl.constexpr = False):
-    """:func:`rebuild_packed` in FP16 arithmetic: the same INT8 values, exactly, as fp16 ``[BLOCK_N, DP]`` (the operand
-    of an FP16 dot, with no int->float conversion). A code ``c`` is OR-ed into the mantissa of 1024.0 (fp16 bits
-    0x6400 | c = 1024 + c, c < 1024), then ``(x - 1024) * s2 + z`` runs in FP16 (two FMA per element pair); every value on the way is an integer
-    of magnitude < 2048, so nothing rounds. ``codes``: bytes, or int32 words (``WORDS``, see :func:`word_codes_f16`).
-    Padded channels (``d >= D``) are not zeroed: the query is 0 there and no output column beyond ``D`` is stored."""
+    """:func:`rebuild_packed` in FP16 arithmetic for 4- and 2-bit codes: the same INT8 values, exactly, as fp16
+    ``[BLOCK_N, DP]`` (the operand of an FP16 dot, with no int->float conversion). A code ``c`` OR-ed into the
+    mantissa of 1024.0 (fp16 bits 0x6400 | c) is the number 1024 + c; ``(x - 1024) * s2 + z`` then runs in FP16, two
+    FMAs per pair of elements, and every value on the way is an integer of magnitude < 2048, so nothing rounds.
+    ``codes``: bytes, or int32 words (``WORDS``, see :func:`word_codes_f16`). Padded channels (``d >= D``) are not
+    zeroed: the query is 0 there and no output column beyond ``D`` is stored."""
+    tl.static_assert(BITS == 4 or BITS == 2, "FP16 rebuild: 4- or 2-bit codes")
     if WORDS:
+        # 1024 + code * 2^e (word_codes_f16) -> code: one FP16 FMA with 2^-e and -1024 * 2^-e (exact: powers of two)
+        PPB: tl.constexpr = 8 // BITS
+        inv = tl.exp2(-(BITS * (tl.arange(0, DP) % PPB)).to(tl.float32))
         x = word_codes_f16(codes, BLOCK_N, DP, BITS, ASM)
-        if BITS == 8:
-            x = x - 1024.0
-        else:  # (1024 + code * 2^e) * 2^-e - 1024 * 2^-e = code in one FP16 FMA (exact: powers of two)
-            PPB: tl.constexpr = 8 // BITS
-            inv = tl.exp2(-(BITS * (tl.arange(0, DP) % PPB)).to(tl.float32))
-            x = x * inv.to(tl.float16)[None, :] + (-1024.0 * inv).to(tl.float16)[None, :]
+        x = x * inv.to(tl.float16)[None, :] + (-1024.0 * inv).to(tl.float16)[None, :]
     else:
         byte = codes.to(tl.int32)
-        if BITS == 8:
-            c = byte | 0x6400
-        elif BITS == 4:
+        if BITS == 4:
             c = tl.reshape(tl.join((byte & 15) | 0x6400, (byte >> 4) | 0x6400), (BLOCK_N, DP))
         else:
             c02 = tl.join((byte & 3) | 0x6400, ((byte >> 4) & 3) | 0x6400)
@@ -105,22 +103,15 @@ def rebuild_packed_f16(codes, s2, z, BLOCK_N: tl.constexpr, DP: tl.constexpr, BI
 
 
 def _planes_asm(bits: int) -> str:
-    """PTX: one int32 word of ``32 / bits`` codes -> code k as the fp16 bits of ``1024 + code * 2^(bits * (k % (8 /
-    bits)))`` (int16 outputs ``$0 ..``, code k in output k). Per pair of neighbouring codes of one byte: a PRMT puts
-    the byte into both 16-bit halves and a LOP3 keeps one code's bits in each half and ORs in 0x6400 (1024.0), so the
-    pair lands in one register in channel order (the FP16 dot takes neighbouring channels as one register)."""
+    """PTX: one int32 word of ``32 / bits`` codes (bits 4 or 2) -> code k as the fp16 bits of ``1024 + code *
+    2^(bits * (k % (8 / bits)))`` (int16 outputs ``$0 ..``, code k in output k). Per pair of neighbouring codes of one
+    byte: a PRMT puts the byte into both 16-bit halves and a LOP3 keeps one code's bits in each half and ORs in 0x6400
+    (1024.0), so the pair lands in one register in channel order (the FP16 dot takes neighbouring channels as one
+    register)."""
     ppb, mask = 8 // bits, (1 << bits) - 1
     lines = ["{", ".reg .b32 t, u;"]
     out = 0
     for byte in range(4):
-        if bits == 8:
-            if byte % 2:
-                continue
-            lines.append(f"prmt.b32 t, ${32 // bits}, 0, {0x4040 | byte | (byte + 1) << 8:#06x};")
-            lines.append("or.b32 t, t, 0x64006400;")
-            lines.append(f"mov.b32 {{${out}, ${out + 1}}}, t;")
-            out += 2
-            continue
         lines.append(f"prmt.b32 u, ${32 // bits}, 0, {0x4040 | byte | byte << 8:#06x};")
         for p in range(0, ppb, 2):
             keep = (mask << bits * p) | (mask << bits * (p + 1)) << 16
@@ -133,7 +124,6 @@ def _planes_asm(bits: int) -> str:
 
 PLANES_ASM_2 = tl.constexpr(_planes_asm(2))
 PLANES_ASM_4 = tl.constexpr(_planes_asm(4))
-PLANES_ASM_8 = tl.constexpr(_planes_asm(8))
 
 
 @triton.jit
@@ -158,19 +148,13 @@ def _interleave8(a0, a1, a2, a3, a4, a5, a6, a7):
 
 @triton.jit
 def word_codes_f16(w, BLOCK_N: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
-    """int32 words ``[BLOCK_N, DP * BITS / 32]`` (``quant.bpq.pack_bits`` bytes, little-endian) -> fp16
-    ``[BLOCK_N, DP]`` holding ``1024 + code * 2^(BITS * (d % (8 / BITS)))`` for channel ``d``: each code OR-ed into
-    the mantissa of 1024.0 at its bit position inside its byte, no int->float conversion (:func:`code_unscale`
-    undoes the power of two). ``ASM``: packed PTX, two codes per instruction (GPU); else plain Triton (the
-    interpreter; the same values). The joins put neighbouring channels next to each other, in channel order."""
-    if BITS == 8:
-        if ASM:
-            y0, y1, y2, y3 = tl.inline_asm_elementwise(PLANES_ASM_8, "=h,=h,=h,=h,r", [w], dtype=(tl.int16,) * 4,
-                                                       is_pure=True, pack=1)
-        else:
-            y0, y1, y2, y3 = _plane(w, 0, 8), _plane(w, 1, 8), _plane(w, 2, 8), _plane(w, 3, 8)
-        c = _interleave4(y0, y1, y2, y3)
-    elif BITS == 4:
+    """int32 words ``[BLOCK_N, DP * BITS / 32]`` of 4- or 2-bit codes (``quant.bpq.pack_bits`` bytes, little-endian)
+    -> fp16 ``[BLOCK_N, DP]`` holding ``1024 + code * 2^(BITS * (d % (8 / BITS)))`` for channel ``d``: each code
+    OR-ed into the mantissa of 1024.0 at its bit position inside its byte, no int->float conversion
+    (:func:`rebuild_packed_f16` undoes the power of two). ``ASM``: packed PTX, two codes per instruction (GPU); else
+    plain Triton (the interpreter; the same values). The joins put neighbouring channels next to each other, in
+    channel order."""
+    if BITS == 4:
         if ASM:
             y0, y1, y2, y3, y4, y5, y6, y7 = tl.inline_asm_elementwise(
                 PLANES_ASM_4, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(tl.int16,) * 8, is_pure=True, pack=1)
