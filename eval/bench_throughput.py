@@ -376,12 +376,12 @@ def kv_memory_rows(config, methods, contexts, device, dtype, chunk: int = 1024) 
 
     from tqdm import tqdm
 
-    from hf_turbo.generate import cache_bytes
+    from hf_turbo.generate import cache_bytes, fp16_kv_bytes
 
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    fp16_per_token = 2 * config.num_hidden_layers * heads * head_dim * 2
-    holder = SimpleNamespace(config=config)
+    holder = SimpleNamespace(config=config)  # what make_cache and fp16_kv_bytes read of a model
+    fp16_per_token = fp16_kv_bytes(holder, 1)
     todo = list(dict.fromkeys("sdpa" if m in SDPA_METHODS else m for m in methods))
     rows = []
     for method, context in tqdm([(m, c) for m in todo for c in contexts], desc="kv memory"):
@@ -400,13 +400,21 @@ def kv_memory_rows(config, methods, contexts, device, dtype, chunk: int = 1024) 
     return rows
 
 
-def _plot_memory(rows, name, out_dir) -> None:
+def _pyplot():
+    """matplotlib.pyplot with the file backend, or None when matplotlib is not installed (plots are optional)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _plot_memory(rows, name, out_dir) -> None:
+    plt = _pyplot()
+    if plt is None:
         return
     from hf_turbo.eval.results import RESULTS_DIR
 
@@ -425,12 +433,8 @@ def _plot_memory(rows, name, out_dir) -> None:
 
 
 def _plot(rows, name, out_dir) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return
     from hf_turbo.eval.results import RESULTS_DIR
 

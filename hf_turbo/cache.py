@@ -75,6 +75,28 @@ def validate_kv(name: str, x: torch.Tensor, *, check_finite: bool = True) -> Non
         raise ValueError(f"{name} contains NaN or Inf: the cache refuses to quantize non-finite values")
 
 
+def check_flushed_finite(layers, *, name_layers: bool = False) -> None:
+    """Raise if a block that any of ``layers`` compressed since its last check held NaN or Inf, and clear their
+    flags (``TurboLayer._flushed_finite``, recorded on the device at each flush): all flags in one device sync;
+    none when nothing was flushed. ``name_layers``: the error names the failing layers by their index in
+    ``layers``."""
+    pending = [(i, layer._flushed_finite) for i, layer in enumerate(layers)
+               if getattr(layer, "_flushed_finite", None) is not None]
+    if not pending:
+        return
+    device = pending[0][1].device  # layers may live on several devices (device_map): one stack on the first
+    ok = torch.stack([flag.to(device) for _, flag in pending])
+    for i, _ in pending:
+        layers[i]._flushed_finite = None
+    if not bool(ok.all()):
+        bad = [i for (i, _), good in zip(pending, ok.tolist()) if not good]
+        where = f" of layer(s) {bad}" if name_layers else ""
+        raise ValueError(
+            f"key/value states{where} contain NaN or Inf: the cache refuses to quantize non-finite values (found in "
+            "blocks compressed since the last check)"
+        )
+
+
 class TurboLayer(DynamicLayer):
     """One layer of :class:`TurboQuantCache` (see the module docstring for the storage)."""
 
@@ -243,19 +265,12 @@ class TurboLayer(DynamicLayer):
         self.n_blocks += nb
 
     def check_flushed_finite(self) -> None:
-        """Raise if a block flushed since the last check held NaN or Inf (one device sync, only when blocks were
-        flushed since). Runs before the compressed blocks are read: at the next update (for a whole
-        :class:`TurboQuantCache` once per forward pass, for all layers together) and before any dequantized read.
-        Until then the flushed tokens are only attended from the FP16 tail they came from."""
-        flag = self._flushed_finite
-        if flag is None:
-            return
-        self._flushed_finite = None
-        if not bool(flag):
-            raise ValueError(
-                "key/value states contain NaN or Inf: the cache refuses to quantize non-finite values (found in a "
-                "block compressed by the previous step)"
-            )
+        """Raise if a block flushed since the last check held NaN or Inf (:func:`check_flushed_finite`; nothing to do,
+        and no device sync, when no block was flushed since). Runs before the compressed blocks are read: at the next
+        update (for a whole :class:`TurboQuantCache` once per forward pass, for all layers together) and before any
+        dequantized read. Until then the flushed tokens are only attended from the FP16 tail they came from."""
+        if self._flushed_finite is not None:
+            check_flushed_finite([self])
 
     def rebuild_int8(self, kv: str, n_blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Compressed blocks ``[0, n_blocks)`` rebuilt to INT8 in head order.
@@ -619,20 +634,7 @@ class TurboQuantCache(Cache):
 
     def _check_flushed_finite(self) -> None:
         """The finiteness of every layer's blocks flushed by the previous forward pass, in one device sync."""
-        pending = [(i, layer._flushed_finite) for i, layer in enumerate(self.layers)
-                   if getattr(layer, "_flushed_finite", None) is not None]
-        if not pending:
-            return
-        device = pending[0][1].device  # layers may live on several devices (device_map): one stack on the first
-        ok = torch.stack([flag.to(device) for _, flag in pending])
-        for i, _ in pending:
-            self.layers[i]._flushed_finite = None
-        if not bool(ok.all()):
-            bad = [i for (i, _), good in zip(pending, ok.tolist()) if not good]
-            raise ValueError(
-                f"key/value states of layer(s) {bad} contain NaN or Inf: the cache refuses to quantize non-finite "
-                "values (found in blocks compressed by the previous forward pass)"
-            )
+        check_flushed_finite(self.layers, name_layers=True)
 
     def nbytes(self) -> int:
         """Bytes held by all layers (codes, scales, zero points, FP16 buffer)."""

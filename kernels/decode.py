@@ -362,6 +362,8 @@ class _DecodePlan:
                          HB=hmap.numel(), Sq=sq, D=d, window=self.window)
             names = ("kc_ptr", "ks_ptr", "ks2_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vs2_ptr", "vz_ptr")
             kwargs = dict(self.kwargs, BITS=bits, DIRECT=direct)
+            if bits == 8:  # the FP16 rebuilds are checked on the GPU for 2- and 4-bit pools only (tests/gpu)
+                kwargs["REBUILD"] = 0
             if self.kwargs["HAS_COMP"]:
                 pool = layer.pools[bits]
                 fields = ("k_codes", "k_scale", "k_s2", "k_zero", "v_codes", "v_scale", "v_s2", "v_zero")
@@ -370,8 +372,6 @@ class _DecodePlan:
                     kwargs["REBUILD"] = 1  # word loads need whole words per row and 4-byte aligned pools
             else:  # nothing compressed yet: any tensor stands in for the pools
                 fixed.update(dict.fromkeys(names, hmap), CAP=1)
-            if bits == 8:  # the FP16 rebuilds are checked on the GPU for 2- and 4-bit pools only (tests/gpu)
-                kwargs["REBUILD"] = 0
             scratch = ("acc_ptr", "m_ptr", "l_ptr", "lock_ptr")
             if direct:  # no partials: any tensor stands in for acc, m, l and the counter
                 fixed.update(dict.fromkeys(scratch, hmap))

@@ -8,12 +8,11 @@ import subprocess
 import sys
 
 import pytest
-import triton
+from hf_turbo.eval.decode_sass import _tool
 
 
 def test_words_rebuild_has_the_shorter_tile_loop(tmp_path):
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not all(os.path.exists(os.path.join(tools, t)) for t in ("ptxas", "cuobjdump")):
+    if not all(os.path.exists(_tool(t)) for t in ("ptxas", "cuobjdump")):
         pytest.skip("Triton's bundled ptxas/cuobjdump are not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "hf_turbo.eval.decode_sass", "--bits", "4", "--variants", "int,words",
