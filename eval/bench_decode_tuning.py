@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import torch
 import triton
@@ -34,6 +35,9 @@ VARIANTS = {
     "fp16 rebuild from bytes, w4, s2, wave splits": dict(rebuild="fp16", num_warps=4, num_stages=2),
     "fp16 rebuild from words (PTX), w4, s2, wave splits": dict(num_warps=4, num_stages=2),
     "default: words, wave splits, w2 from 64 (sequence, KV head) pairs, s1": {},
+    "fold: codes as they are, scales folded into Q / P (default warps)": dict(rebuild="fold"),
+    "fold, w2": dict(rebuild="fold", num_warps=2),
+    "fold, w4": dict(rebuild="fold", num_warps=4),
     "default, w1": dict(num_warps=1),
     "default, w2": dict(num_warps=2),
     "default, w8": dict(num_warps=8),
@@ -66,9 +70,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="two cases, four variants")
     ap.add_argument("--bits", default="4", help="comma list of cache bit-widths: 4, 2, mixed")
+    ap.add_argument("--only", default=None, help="comma list: keep the variants whose name starts with one of these")
+    ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     hq, hkv, d = 32, 8, 128
     variants = dict(list(VARIANTS.items())[:4]) if args.quick else VARIANTS
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k.startswith(tuple(args.only.split(",")))}
     cases = CASES[1:4:2] if args.quick else CASES
     bit_cfgs = {"4": dict(int2_fraction=0.0), "2": dict(int2_fraction=1.0), "mixed": dict(int2_fraction=0.5)}
     rows = []
@@ -117,6 +125,7 @@ def main(argv=None):
         columns=["bits", "B", "ctx", "variant", "graph_us", "eager_us", "graph_gbps", "rel_l2_vs_reference"],
         notes="graph_us: CUDA-graph replay (GPU time); eager_us: plain calls (includes Python launch cost when it "
               "exceeds GPU time). rel_l2_vs_reference: B=2, ctx=4133, against the PyTorch reference.",
+        out_dir=Path(args.out_dir) if args.out_dir else None,
     )
     print("wrote", path)
 
