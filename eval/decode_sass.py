@@ -29,7 +29,7 @@ _POINTERS = {"q_ptr": "*fp16", "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*
              "tk_ptr": "*fp16", "tv_ptr": "*fp16"}
 _ONES = ("sqd", "sod", "stkd", "stvd", "Sq")  # equal to 1 in a decode step: Triton makes them constants
 _DIV16 = ("sqb", "sqh", "sqs", "Hq", "sob", "soh", "sos", "stkb", "stkh", "stkt", "stvb", "stvh", "stvt", "D", "CAP")
-VARIANTS = {"int": 0, "fp16": 1, "words": 2, "fold": 3}
+VARIANTS = {"int": 0, "fp16": 1, "words": 2}
 
 
 def _tool(name: str) -> str:

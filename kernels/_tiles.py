@@ -177,120 +177,6 @@ def word_codes_f16(w, BLOCK_N: tl.constexpr, DP: tl.constexpr, BITS: tl.constexp
     return tl.reshape(c, (BLOCK_N, DP)).to(tl.float16, bitcast=True)
 
 
-def _pairs_asm(bits: int) -> str:
-    """PTX: one int32 word of ``32 / bits`` codes (bits 4 or 2) -> ``16 / bits`` registers of two codes each, one in
-    each 16-bit half, kept at their bit positions inside a byte and nothing else (int16 outputs ``$0 ..``). Register
-    ``a`` holds code ``a`` in its low half and code ``a + 16 / bits`` in its high half: an AND with a mask repeated in
-    both halves for the codes of bytes 0 and 2, the same on the word shifted down a byte for bytes 1 and 3. As fp16
-    bit patterns these are the subnormal numbers ``code * 2^(bits * (a % (8 / bits))) * 2^-24``: no arithmetic."""
-    ppb, mask = 8 // bits, (1 << bits) - 1
-    lines = ["{", ".reg .b32 s, t;", f"shr.b32 s, ${32 // bits}, 8;"]
-    for a in range(16 // bits):
-        keep = mask << bits * (a % ppb)
-        lines.append(f"and.b32 t, {'s' if a >= ppb else f'${32 // bits}'}, {keep | keep << 16:#010x};")
-        lines.append(f"mov.b32 {{${2 * a}, ${2 * a + 1}}}, t;")
-    lines.append("}")
-    return "\n".join(lines)
-
-
-PAIRS_ASM_2 = tl.constexpr(_pairs_asm(2))
-PAIRS_ASM_4 = tl.constexpr(_pairs_asm(4))
-
-
-@triton.jit
-def _pair(w, a: tl.constexpr, high: tl.constexpr, BITS: tl.constexpr):
-    """One output of :func:`_pairs_asm` in plain Triton arithmetic: the low (``high`` False) or high half of
-    register ``a``."""
-    PPB: tl.constexpr = 8 // BITS
-    keep: tl.constexpr = ((1 << BITS) - 1) << (BITS * (a % PPB))
-    return ((w >> (8 * (a // PPB) + 16 * high)) & keep).to(tl.int16)
-
-
-@triton.jit
-def _interleave16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15):
-    """``[..., W]`` x16 -> ``[..., W, 2, 2, 2, 2]`` whose flat order is a0 .. a15 per word."""
-    return tl.join(_interleave8(a0, a2, a4, a6, a8, a10, a12, a14), _interleave8(a1, a3, a5, a7, a9, a11, a13, a15))
-
-
-@triton.jit
-def fold_columns(d, BITS: tl.constexpr):
-    """The column order of :func:`word_codes_pairs`: for register column ``d`` (``[DP]``), the head channel it holds
-    and ``2^-e``, the inverse of the power of two its code carries. Within each word of ``P = 32 / BITS`` codes,
-    column ``2a + h`` holds code ``a + h P / 2`` (the two halves of register ``a``), with ``e = BITS (a % (8 / BITS))``.
-    Columns are permuted within a word only; a dot product is the same sum in any column order."""
-    PPW: tl.constexpr = 32 // BITS
-    PPB: tl.constexpr = 8 // BITS
-    p = d % PPW
-    a = p // 2
-    chan = d - p + (p % 2) * (PPW // 2) + a
-    return chan, tl.exp2(-(BITS * (a % PPB)).to(tl.float32))
-
-
-@triton.jit
-def fold_permute(x, BITS: tl.constexpr):
-    """``x [M, DP]`` with its columns in channel order -> the same columns in :func:`fold_columns`' order."""
-    M: tl.constexpr = x.shape[0]
-    DP: tl.constexpr = x.shape[1]
-    PPW: tl.constexpr = 32 // BITS
-    return tl.reshape(tl.permute(tl.reshape(x, (M, DP // PPW, 2, PPW // 2)), (0, 1, 3, 2)), (M, DP))
-
-
-@triton.jit
-def word_codes_pairs(w, BLOCK_N: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
-    """int32 words ``[BLOCK_N, DP * BITS / 32]`` of 4- or 2-bit codes -> fp16 ``[BLOCK_N, DP]`` in the column order of
-    :func:`fold_columns`, holding ``code * 2^e * 2^-24`` (subnormal fp16 numbers whose bits are the masked code:
-    one AND per two codes and no arithmetic). The scales and zero points are not applied here: the decode kernel
-    folds them into the query (K per channel), into P (V per token) or into the product (:func:`scores_folded`,
-    :func:`online_update`). ``ASM``: packed PTX (GPU); else plain Triton (the interpreter; the same values)."""
-    if BITS == 4:
-        if ASM:
-            y0, y1, y2, y3, y4, y5, y6, y7 = tl.inline_asm_elementwise(
-                PAIRS_ASM_4, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(tl.int16,) * 8, is_pure=True, pack=1)
-        else:
-            y0, y1, y2, y3 = _pair(w, 0, 0, 4), _pair(w, 0, 1, 4), _pair(w, 1, 0, 4), _pair(w, 1, 1, 4)
-            y4, y5, y6, y7 = _pair(w, 2, 0, 4), _pair(w, 2, 1, 4), _pair(w, 3, 0, 4), _pair(w, 3, 1, 4)
-        c = _interleave8(y0, y1, y2, y3, y4, y5, y6, y7)
-    else:
-        if ASM:
-            (y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14,
-             y15) = tl.inline_asm_elementwise(PAIRS_ASM_2, "=h," * 16 + "r", [w], dtype=(tl.int16,) * 16,
-                                              is_pure=True, pack=1)
-        else:
-            y0, y1, y2, y3 = _pair(w, 0, 0, 2), _pair(w, 0, 1, 2), _pair(w, 1, 0, 2), _pair(w, 1, 1, 2)
-            y4, y5, y6, y7 = _pair(w, 2, 0, 2), _pair(w, 2, 1, 2), _pair(w, 3, 0, 2), _pair(w, 3, 1, 2)
-            y8, y9, y10, y11 = _pair(w, 4, 0, 2), _pair(w, 4, 1, 2), _pair(w, 5, 0, 2), _pair(w, 5, 1, 2)
-            y12, y13, y14, y15 = _pair(w, 6, 0, 2), _pair(w, 6, 1, 2), _pair(w, 7, 0, 2), _pair(w, 7, 1, 2)
-        c = _interleave16(y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
-    return tl.reshape(c, (BLOCK_N, DP)).to(tl.float16, bitcast=True)
-
-
-TWO24 = tl.constexpr(16777216.0)  # 2^24: the unit of word_codes_pairs' subnormal codes
-
-
-@triton.jit
-def scores_folded(q8f, x, s2, z, qs, ks, col_inv, BITS: tl.constexpr, CHANNEL: tl.constexpr):
-    """:func:`scores_int8` of the INT8 keys ``code * s2 + z`` from :func:`word_codes_pairs`' ``x [BLOCK_N, DP]``
-    without rebuilding them: ``q8f [M, DP]`` (the INT8 query codes as fp32, columns in ``x``'s order), ``s2, z`` per
-    channel (``[DP]``, ``CHANNEL``) or per key (``[BLOCK_N]``), ``col_inv [DP]`` = 2^-e of :func:`fold_columns`.
-
-    Per channel: ``sum_c q (s2 code + z) = sum_c (q s2) code + sum_c q z``; ``q s2 2^-e`` is the FP16 operand (exact
-    while ``|q s2| <= 2048``, i.e. 4-bit; 2-bit codes have s2 up to 80, so the remainder after FP16 rounding goes in a
-    second dot). Per key: ``s2 sum_c q code + z sum_c q``. Every product and partial sum is an integer times 2^-24
-    below 2^24 units, so the integer is exact and the float operations after it are :func:`scores_int8`'s: the
-    result is bit-identical to the integer rebuild."""
-    if CHANNEL:
-        qe = q8f * (s2.to(tl.float32) * col_inv)[None, :]
-        hi = qe.to(tl.float16)
-        s = tl.trans(tl.dot(x, tl.trans(hi), out_dtype=tl.float32))
-        if BITS == 2:
-            s = tl.dot((qe - hi.to(tl.float32)).to(tl.float16), tl.trans(x), acc=s, out_dtype=tl.float32)
-        s = s * TWO24 + tl.sum(q8f * z.to(tl.float32)[None, :], axis=1)[:, None]
-    else:
-        s = tl.dot((q8f * col_inv[None, :]).to(tl.float16), tl.trans(x), out_dtype=tl.float32) * TWO24
-        s = s * s2.to(tl.float32)[None, :] + tl.sum(q8f, axis=1)[:, None] * z.to(tl.float32)[None, :]
-    return (s * qs[:, None]) * ks
-
-
 @triton.jit
 def load_packed_tile(codes_ptr, s2_ptr, z_ptr, slot, r0, d, D,
                      BS: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, CHANNEL: tl.constexpr):
@@ -315,17 +201,13 @@ def online_update(acc, m_i, l_i, s, vis, v, v_scale,
                   EXP_MODE: tl.constexpr, PV_MODE: tl.constexpr, N_R: tl.constexpr, Y_R: tl.constexpr,
                   L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr, L4: tl.constexpr,
                   L5: tl.constexpr, L6: tl.constexpr, L7: tl.constexpr, L8: tl.constexpr,
-                  SKIP_EMPTY: tl.constexpr, MASKED: tl.constexpr = True, FOLD_V: tl.constexpr = False,
-                  v_s2=None, v_z=None, v_col=None, PACKED_V: tl.constexpr = False, V_CHANNEL: tl.constexpr = False):
+                  SKIP_EMPTY: tl.constexpr, MASKED: tl.constexpr = True, FOLD_V: tl.constexpr = False):
     """One tile of online softmax + PV. Scores ``s`` are in natural units for SAS base e (EXP_MODE 1), log2 units
     otherwise. ``v``: int8 ``[N, DP]`` (PV_MODE 0), fp16 already scaled (1), fp8 e4m3 of the INT8 codes (2);
     ``v_scale``: the tile's stage-1 V scale (unused for fp16 unless ``FOLD_V``). ``MASKED=False``: every key of the
     tile is visible to every row (``vis`` ignored). ``FOLD_V`` (fp16 PV): ``v`` holds the INT8 codes in fp16 (exact)
     and ``v_scale`` multiplies the FP32 product, instead of rounding ``V8 * s_V`` to fp16 first (one conversion per
-    element less; the same function to within FP16 rounding of V). ``PACKED_V`` (fp16 PV, with ``FOLD_V``): ``v`` is
-    :func:`word_codes_pairs`' ``[N, DP]`` and the INT8 values ``code * v_s2 + v_z`` are never built: per key, P takes
-    ``v_s2`` (``[N]``, rounded to fp16 with it) and ``sum_t p v_z`` is added to every column; per channel, the
-    product takes ``v_s2`` (``[DP]``) and ``l v_z``; ``v_col [DP]`` = 2^(24 - e) undoes the codes' scaling."""
+    element less; the same function to within FP16 rounding of V)."""
     if MASKED:
         s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -355,16 +237,9 @@ def online_update(acc, m_i, l_i, s, vis, v, v_scale,
         elif PV_MODE == 1:
             ph = p.to(tl.float16)
             l_add = tl.sum(ph.to(tl.float32), axis=1)
-            if PACKED_V and V_CHANNEL:  # the V scale goes into the per-column and per-row factors
-                o = tl.dot(ph, v, out_dtype=tl.float32) * (v_s2.to(tl.float32) * (v_col * v_scale))[None, :]
-                o = o + (l_add * v_scale)[:, None] * v_z.to(tl.float32)[None, :]
-            elif PACKED_V:
-                o = tl.dot(ph * v_s2.to(tl.float16)[None, :], v, out_dtype=tl.float32) * (v_col * v_scale)[None, :]
-                o = o + (tl.sum(ph.to(tl.float32) * v_z.to(tl.float32)[None, :], axis=1) * v_scale)[:, None]
-            else:
-                o = tl.dot(ph, v, out_dtype=tl.float32)
-                if FOLD_V:
-                    o = o * v_scale
+            o = tl.dot(ph, v, out_dtype=tl.float32)
+            if FOLD_V:
+                o = o * v_scale
         else:
             pf = (p * 448.0).to(tl.float8e4nv)
             l_add = tl.sum(pf.to(tl.float32), axis=1) / 448.0

@@ -36,8 +36,7 @@ import triton.language as tl
 
 from ._common import next_pow2, stage1_codes, stage1_inv, stage1_scale
 from ._launch import CachedLauncher, resident_per_sm
-from ._tiles import (TWO24, fold_columns, fold_permute, load_packed_raw, online_update, prep_v, rebuild_packed, rebuild_packed_f16,
-                     scores_folded, scores_int8, word_codes_pairs)
+from ._tiles import load_packed_raw, online_update, prep_v, rebuild_packed, rebuild_packed_f16, scores_int8
 from .prefill import LOG2E, PV_MODES, exp_constants
 
 
@@ -86,12 +85,6 @@ def _decode_kernel(
     hq = h * G + g
     d = tl.arange(0, DP)
     dm = d < D
-    FOLD: tl.constexpr = REBUILD == 3
-    if FOLD:  # V and the output in word_codes_pairs' column order: their channel indices go through dcol (a
-        # permutation within words, and D is whole words: dcol < D where d < D)
-        dcol, col_inv = fold_columns(d, BITS)
-    else:
-        dcol = d
     row = (b * Hq + hq) * Sq + i  # row index into [B, Hq, Sq]
     # Q stage 1 in registers: one INT8 scale per (query head, QB query rows), as quantize_pack.stage1 computes it
     qf = tl.load(q_ptr + b * sqb + hq[:, None] * sqh + i[:, None] * sqs + d[None, :] * sqd,
@@ -103,9 +96,7 @@ def _decode_kernel(
     q8 = stage1_codes(qf, stage1_inv(q_amax)[:, None]).to(tl.int8)
     qs = stage1_scale(q_amax) * q_mult
     q16 = q8.to(tl.float16)  # the same integers, the operand of the FP16 dot over compressed tiles (REBUILD > 0)
-    if FOLD:  # the query in the packed columns' order, for the tiles of packed codes
-        q8f = fold_permute(q8.to(tl.float32), BITS)
-    WORDS: tl.constexpr = REBUILD >= 2
+    WORDS: tl.constexpr = REBUILD == 2
     qpos = q_start + i
     if HAS_PAD:
         pad_b = tl.load(pad_ptr + b)
@@ -130,21 +121,18 @@ def _decode_kernel(
         # the HBM latency of one tile hides behind the arithmetic of the previous one (the loop is latency-bound
         # otherwise: few programs fit an SM next to the unpacked INT8 tiles)
         kc, ks2, kz, ksc, vc, vs2, vz, vsc = _load_comp_tile(
-            kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, b * HB + j, CAP, tl.minimum(t_begin, n_ct - 1), dcol, D,
+            kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, b * HB + j, CAP, tl.minimum(t_begin, n_ct - 1), d, D,
             BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL, WORDS)
         for ti in range(t_begin, c_end):
             if PREFETCH:
                 nk, nks2, nkz, nksc, nv, nvs2, nvz, nvsc = _load_comp_tile(
                     kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, b * HB + j, CAP,
-                    tl.minimum(ti + 1, c_end - 1), dcol, D, BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL, WORDS)
+                    tl.minimum(ti + 1, c_end - 1), d, D, BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL, WORDS)
             else:
                 kc, ks2, kz, ksc, vc, vs2, vz, vsc = _load_comp_tile(
-                    kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, b * HB + j, CAP, ti, dcol, D,
+                    kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, b * HB + j, CAP, ti, d, D,
                     BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL, WORDS)
-            if FOLD:
-                s = scores_folded(q8f, word_codes_pairs(kc, BLOCK_N, DP, BITS, ASM), ks2, kz, qs, ksc, col_inv, BITS,
-                                  K_CHANNEL)
-            elif REBUILD:
+            if REBUILD:
                 s = scores_int8(q16, rebuild_packed_f16(kc, ks2, kz, BLOCK_N, DP, BITS, K_CHANNEL, WORDS, ASM), qs, ksc)
             else:
                 s = scores_int8(q8, rebuild_packed(kc, ks2, kz, d, D, BLOCK_N, BITS, K_CHANNEL).to(tl.int8), qs, ksc)
@@ -154,19 +142,13 @@ def _decode_kernel(
                 vis = vis & (kpos[None, :] <= qpos[:, None])
             if HAS_WINDOW:
                 vis = vis & (qpos[:, None] - kpos[None, :] < window)
-            if FOLD:  # the V codes as they are; their s2 / zero go into P and the product (online_update)
-                acc, m_i, l_i = online_update(acc, m_i, l_i, s, vis, word_codes_pairs(vc, BLOCK_N, DP, BITS, ASM), vsc,
-                                              EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8, SKIP_EMPTY,
-                                              FOLD_V=FOLD_V, v_s2=vs2, v_z=vz, v_col=col_inv * TWO24, PACKED_V=True,
-                                              V_CHANNEL=V_CHANNEL)
+            if REBUILD:  # FP16 PV on the INT8 codes (FOLD_V), built in fp16
+                v = rebuild_packed_f16(vc, vs2, vz, BLOCK_N, DP, BITS, V_CHANNEL, WORDS, ASM)
             else:
-                if REBUILD:  # FP16 PV on the INT8 codes (FOLD_V), built in fp16
-                    v = rebuild_packed_f16(vc, vs2, vz, BLOCK_N, DP, BITS, V_CHANNEL, WORDS, ASM)
-                else:
-                    v = prep_v(rebuild_packed(vc, vs2, vz, d, D, BLOCK_N, BITS, V_CHANNEL), vsc, PV_MODE, FOLD_V)
-                acc, m_i, l_i = online_update(acc, m_i, l_i, s, vis, v, vsc,
-                                              EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8, SKIP_EMPTY,
-                                              FOLD_V=FOLD_V)
+                v = prep_v(rebuild_packed(vc, vs2, vz, d, D, BLOCK_N, BITS, V_CHANNEL), vsc, PV_MODE, FOLD_V)
+            acc, m_i, l_i = online_update(acc, m_i, l_i, s, vis, v, vsc,
+                                          EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8, SKIP_EMPTY,
+                                          FOLD_V=FOLD_V)
             if PREFETCH:
                 kc, ks2, kz, ksc, vc, vs2, vz, vsc = nk, nks2, nkz, nksc, nv, nvs2, nvz, nvsc
     if HAS_SEG:
@@ -189,7 +171,7 @@ def _decode_kernel(
                 vis = vis & (kpos[None, :] <= qpos[:, None])
             if HAS_WINDOW:
                 vis = vis & (qpos[:, None] - kpos[None, :] < window)
-            vf = tl.load(tv_ptr + b * stvb + h * stvh + t[:, None] * stvt + dcol[None, :] * stvd, mask=msk,
+            vf = tl.load(tv_ptr + b * stvb + h * stvh + t[:, None] * stvt + d[None, :] * stvd, mask=msk,
                          other=0.0).to(tl.float32)
             v_amax = tl.max(tl.max(tl.abs(vf), axis=1), axis=0)
             v_amax = tl.where(v_amax > 0, v_amax, 1.0)
@@ -214,7 +196,7 @@ def _decode_kernel(
             return
         o = _merge_splits(acc_ptr, m_ptr, l_ptr, row, rvalid, d, NSPLIT, BLOCK_M, DP, EXP_MODE)
         tl.atomic_xchg(lock_ptr + pid, 0)
-    tl.store(o_ptr + b * sob + hq[:, None] * soh + i[:, None] * sos + dcol[None, :] * sod,
+    tl.store(o_ptr + b * sob + hq[:, None] * soh + i[:, None] * sos + d[None, :] * sod,
              o.to(o_ptr.dtype.element_ty), mask=rvalid[:, None] & dm[None, :])
 
 
@@ -243,7 +225,7 @@ def _merge_splits(acc_ptr, m_ptr, l_ptr, row, rvalid, d, NSPLIT,
 
 # rebuild of the packed codes: integer ops + INT8 dot; FP16 ops from bytes; FP16 ops from int32 words (fewest
 # instructions: two codes per shift + LOP3, see _tiles.word_codes_f16) + FP16 dots
-REBUILDS = {"int": 0, "fp16": 1, "words": 2, "fold": 3}
+REBUILDS = {"int": 0, "fp16": 1, "words": 2}
 _DECODE = CachedLauncher(_decode_kernel)  # launched once per layer per token: see _launch.py
 
 
@@ -386,7 +368,7 @@ class _DecodePlan:
                 pool = layer.pools[bits]
                 fields = ("k_codes", "k_scale", "k_s2", "k_zero", "v_codes", "v_scale", "v_s2", "v_zero")
                 fixed.update({n: pool[f] for n, f in zip(names, fields)}, CAP=pool["k_scale"].shape[2])
-                if kwargs["REBUILD"] >= 2 and (d * bits % 32 or any(pool[f].data_ptr() % 4 for f in fields[::4])):
+                if kwargs["REBUILD"] == 2 and (d * bits % 32 or any(pool[f].data_ptr() % 4 for f in fields[::4])):
                     kwargs["REBUILD"] = 1  # word loads need whole words per row and 4-byte aligned pools
             else:  # nothing compressed yet: any tensor stands in for the pools
                 fixed.update(dict.fromkeys(names, hmap), CAP=1)
