@@ -38,8 +38,11 @@ import torch
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=32768)),
+    # original_max_position_embeddings: transformers' Phi3 generation drops the cache once a sequence crosses it (a
+    # LongRoPE model recomputes its prefix there); this shape has plain RoPE, so it is set to the full range
     "phi3-mini": ("phi3", dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
-                               num_key_value_heads=32, vocab_size=32064, max_position_embeddings=32768)),
+                               num_key_value_heads=32, vocab_size=32064, max_position_embeddings=32768,
+                               original_max_position_embeddings=32768)),
     "qwen2-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768)),
     "tiny": ("llama", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

@@ -160,6 +160,18 @@ def _title(args, plan, rows) -> str:
             f"{plan['window']}, context {plan['context']})")
 
 
+def _compute_note(model) -> str:
+    """How the run computed: on CPU the PyTorch reference in FP32; on CUDA the model's dtype, turbo settings through
+    the Triton kernels."""
+    import torch
+
+    p = next(model.parameters())
+    if p.device.type == "cuda":
+        return (f"Computed on {torch.cuda.get_device_name(p.device)} in {str(p.dtype).replace('torch.', '')}: the "
+                "turbo settings run through the Triton kernels (FP SDPA and KIVI through PyTorch).")
+    return "The CPU run computes in FP32 (the PyTorch reference path); the FP reference stands for an FP16 cache (16 bits)."
+
+
 def write_accuracy(rows, args, plan, calib_meta, model) -> Path:
     """``eval/results/<name>.json`` through :func:`hf_turbo.eval.results.write_result`."""
     from .results import write_result
@@ -172,8 +184,8 @@ def write_accuracy(rows, args, plan, calib_meta, model) -> Path:
         "every setting scores the same tokens); top1_agree / kl: next-token argmax agreement and KL(p_fp || p) "
         "per token. kv_bits: bits per K/V element of the compressed cache (codes + scales + zero points, measured "
         "from the pools; KIVI: nbits + 32/group). KIVI rows: eval/kivi.py, a fake-quantized reference of KIVI "
-        "(K per channel, V per token, residual 128, prefill attention in full precision). The CPU run computes in "
-        "FP32; the FP reference stands for an FP16 cache (16 bits)."
+        "(K per channel, V per token, residual 128, prefill attention in full precision). "
+        + _compute_note(model)
     )
     if calib_meta:
         notes += f" Calibrated priorities: gap x std of K on `{calib_meta.get('text')}` ({calib_meta.get('tokens')} tokens)."
