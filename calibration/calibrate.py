@@ -58,17 +58,17 @@ def _text_config(config):
 
 def model_fingerprint(model_or_config) -> dict[str, Any]:
     """``{name, model_type, num_hidden_layers, num_key_value_heads, head_dim}`` of a model (or its config)."""
+    from hf_turbo.cache import head_dim, kv_heads
+
     config = getattr(model_or_config, "config", model_or_config)
     text = _text_config(config)
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     name = getattr(config, "_name_or_path", "") or getattr(config, "_model_name_or_path", "") or ""
     return {
         "name": str(name),
         "model_type": getattr(text, "model_type", None),
         "num_hidden_layers": int(text.num_hidden_layers),
-        "num_key_value_heads": int(heads),
-        "head_dim": int(head_dim),
+        "num_key_value_heads": int(kv_heads(text)),
+        "head_dim": int(head_dim(text)),
     }
 
 

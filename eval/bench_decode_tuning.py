@@ -5,8 +5,9 @@
 
 For each case (batch, context; 32 q / 8 kv heads, hd 128, 4-bit) and each variant of
 :func:`hf_turbo.kernels.decode.decode_layer` (software prefetch of the next packed tile, V scale folded after the PV
-product, integer or FP16 rebuild of the packed codes, warps, pipeline stages, how the context is split and the cap) it checks the output against the PyTorch
-reference (:func:`hf_turbo.quant.attention.turbo_attention_reference`) and times ``attend_layer`` two ways:
+product, integer or FP16 rebuild of the packed codes, warps, pipeline stages, how the context is split and the
+cap) it checks the output against the PyTorch reference (:func:`hf_turbo.quant.attention.turbo_attention_reference`)
+and times ``attend_layer`` two ways:
 
 * ``graph_us``: replay of a CUDA graph holding the calls (GPU time only: what the kernels cost);
 * ``eager_us``: plain calls (GPU time or Python launch time, whichever is longer: what generation pays today).

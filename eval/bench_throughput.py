@@ -379,10 +379,11 @@ def kv_memory_rows(config, methods, contexts, device, dtype, chunk: int = 1024) 
 
     from tqdm import tqdm
 
+    from hf_turbo.cache import head_dim as config_head_dim
+    from hf_turbo.cache import kv_heads
     from hf_turbo.generate import cache_bytes, fp16_kv_bytes
 
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads, head_dim = kv_heads(config), config_head_dim(config)
     holder = SimpleNamespace(config=config)  # what make_cache and fp16_kv_bytes read of a model
     fp16_per_token = fp16_kv_bytes(holder, 1)
     todo = list(dict.fromkeys("sdpa" if m in SDPA_METHODS else m for m in methods))

@@ -24,6 +24,8 @@ import torch
 from hf_turbo.eval.bench_throughput import SHAPES, attention_backends, build_model, make_cache, prefill
 from hf_turbo.eval.results import write_result
 
+from hf_turbo.cache import head_dim
+
 SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 LAUNCH_OPS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 
@@ -158,7 +160,7 @@ def _layer_parts(model, method, batch, prompt, calls, device):
     model.set_attn_implementation(impl)
     cfg = model.config
     attn = model.model.layers[0].self_attn
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    d = head_dim(cfg)
     dtype = next(model.parameters()).dtype
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=device)
     h = torch.randn(batch, 1, cfg.hidden_size, device=device, dtype=dtype)

@@ -545,6 +545,18 @@ def _text_config(config: Any) -> Any:
     return config
 
 
+def kv_heads(config: Any) -> int:
+    """KV heads of a model config (its text decoder's, for multimodal configs)."""
+    text = _text_config(config)
+    return getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+
+
+def head_dim(config: Any) -> int:
+    """Head dim of a model config (its text decoder's, for multimodal configs)."""
+    text = _text_config(config)
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
 def resolve_turbo_config(config: Any = None, turbo: TurboConfig | None = None, **overrides: Any) -> TurboConfig:
     """The TurboConfig for a model: explicit ``turbo`` > the model config's ``turbo_config`` entry > defaults,
     then ``overrides``. Calibrated priorities are checked against the model's layer and KV-head counts."""
@@ -567,7 +579,7 @@ def resolve_turbo_config(config: Any = None, turbo: TurboConfig | None = None, *
 def check_priorities(priorities: Any, config: Any) -> None:
     """Raise unless ``priorities`` is ``[num_hidden_layers][num_key_value_heads]`` for ``config``."""
     layers = config.num_hidden_layers
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads = kv_heads(config)
     rows = len(priorities)
     cols = {len(r) for r in priorities}
     if rows != layers or cols != {heads}:
@@ -606,7 +618,7 @@ class TurboQuantCache(Cache):
             raise ValueError(MODEL_SCOPE_NEEDS_PRIORITIES)
         if text is not None:
             pr = self.turbo.priorities
-            heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+            heads = kv_heads(text)
             # int2_scope="model": the INT2 heads are chosen over all layers here; each layer gets its row
             assigned = self.turbo.head_bits(pr) if model_scope else None
             layers = [

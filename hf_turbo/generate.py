@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from .cache import TurboQuantCache
+from .cache import TurboQuantCache, head_dim, kv_heads
 
 METHODS = ("turbo", "sdpa")
 
@@ -65,9 +65,7 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
 def fp16_kv_bytes(model, tokens: int, batch: int = 1) -> int:
     """Bytes an FP16 KV cache holds for ``batch`` sequences of ``tokens`` tokens of ``model``."""
     cfg = model.config.get_text_config(decoder=True)
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * batch * heads * tokens * head_dim * 2
+    return 2 * cfg.num_hidden_layers * batch * kv_heads(cfg) * tokens * head_dim(cfg) * 2
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

@@ -245,7 +245,8 @@ def choose_split(bsz: int, hkv: int, total_tiles: int, on_gpu: bool, mult: int |
     ``bsz * hkv * split`` programs in waves of ``resident`` per SM (default 2, the decode kernel's count at hd 128 when
     it was measured), all with the same work, so the time goes as waves x tiles per program; the split that minimizes
     that (plus a quarter tile per split for the merge: the last split to finish reads the partials one after another)
-    is chosen, or the fewest splits within 3% of it. A wave left mostly empty costs as much as a full one (eval/results/decode_tuning.json, B=16 32k).
+    is chosen, or the fewest splits within 3% of it. A wave left mostly empty costs as much as a full one
+    (eval/results/decode_tuning.json, B=16 32k).
     ``mult``: instead, enough splits for ``mult`` programs per SM (the rule before the wave model; benchmarks)."""
     if not on_gpu or total_tiles < 8:
         return 1
