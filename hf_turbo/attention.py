@@ -122,7 +122,10 @@ def turbo_attention_forward(
             query, key, value, turbo, sm_scale=sm_scale, causal=causal, key_mask=key_mask,
             sliding_window=sliding_window,
         )
-    return out.transpose(1, 2).contiguous().to(query.dtype), None
+    out = out.transpose(1, 2)  # the decode kernel already wrote [B, Sq, Hq, D] memory order: then no copy here
+    if not out.is_contiguous():
+        out = out.contiguous()
+    return (out if out.dtype == query.dtype else out.to(query.dtype)), None
 
 
 def _exact_sdpa(module, query, key, value, key_mask, sm_scale, causal, sliding_window):

@@ -4,7 +4,9 @@ Per layer (:class:`TurboLayer`, a ``DynamicLayer``):
 
 * new K/V tokens go to an FP16 buffer (the model's dtype); every full block of ``block_size`` (64) tokens goes
   through BPQ — INT8 per (head, block), then ``bits``-bit codes with integer scale/zero — into block pools; the
-  remainder stays in the buffer. Flushes happen a whole block at a time, never per token. With
+  remainder stays in the buffer. Flushes happen a whole block at a time, never per token. The buffer lives in a
+  tensor with room for ``residual_length + block_size`` tokens, so a decode step writes its token in place (one copy
+  per K and V, K smoothing's subtraction fused into the K copy) instead of concatenating a new buffer. With
   ``residual_length`` R > 0 the newest R tokens are never flushed (KIVI's residual): blocks go only once R + 64 wait.
 * heads are split by priority (gap x std, :mod:`hf_turbo.quant.priority`): the ``n_low`` lowest go to ``low_bits``
   (INT2), the rest to ``bits`` (INT4). Priorities come from calibration (``config.turbo_config["priorities"]``) or,
@@ -97,6 +99,21 @@ def check_flushed_finite(layers, *, name_layers: bool = False) -> None:
         )
 
 
+def _buffer_view(store: str, doc: str) -> property:
+    """A property showing the first ``_buf_len`` tokens of the storage attribute ``store`` (TurboLayer's FP16
+    buffer); assigning a tensor makes it the storage, all of it in use."""
+
+    def get(self):
+        storage = getattr(self, store)
+        return None if storage is None else storage[:, :, : self._buf_len]
+
+    def put(self, value):
+        setattr(self, store, value)
+        self._buf_len = 0 if value is None else value.shape[-2]
+
+    return property(get, put, doc=doc)
+
+
 class TurboLayer(DynamicLayer):
     """One layer of :class:`TurboQuantCache` (see the module docstring for the storage)."""
 
@@ -129,8 +146,10 @@ class TurboLayer(DynamicLayer):
         self.head_bits: torch.Tensor | None = None  # int64 [H]
         self.groups: dict[int, torch.Tensor] = {}  # bits -> head indices (int64, on device)
         self.pools: dict[int, dict[str, torch.Tensor]] = {}
-        self.buffer_k: torch.Tensor | None = None
-        self.buffer_v: torch.Tensor | None = None
+        # FP16 buffer: the first _buf_len tokens of _buf_k / _buf_v [B, H, room, D] (see buffer_k / _append_buffer)
+        self._buf_k: torch.Tensor | None = None
+        self._buf_v: torch.Tensor | None = None
+        self._buf_len = 0
         self._zero: torch.Tensor | None = None  # 0-d zero behind the placeholder keys/values
         self._tail_k: torch.Tensor | None = None  # FP16 tokens from block `blocks_before` on, for this step
         self._tail_v: torch.Tensor | None = None
@@ -149,9 +168,36 @@ class TurboLayer(DynamicLayer):
         groups or any pool tensor are replaced, the one place that state is invalidated."""
         self.kernel_cache: dict[str, Any] = {}
 
+    buffer_k = _buffer_view("_buf_k", "The FP16 buffer's keys ``[B, H, T_buf, D]`` (a view of the buffer storage; K "
+                            "smoothing: ``k - mu``). Assigning a tensor makes it the storage.")
+    buffer_v = _buffer_view("_buf_v", "The FP16 buffer's values ``[B, H, T_buf, D]`` (a view of the buffer storage).")
+
+    def _append_buffer(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write ``key_states`` (minus mu under K smoothing) and ``value_states`` ``[B, H, T, D]`` after the buffer's
+        tokens, in place when the storage has room (a decode step between flushes), else into new storage with room
+        for ``residual_length + block_size`` tokens. Views of the buffer taken before keep their tokens: writes only
+        go past them, and new storage leaves the old one untouched."""
+        n, t = self._buf_len, key_states.shape[-2]
+        if self._buf_k is None or self._buf_k.shape[-2] < n + t:
+            room = max(n + t, self.turbo.residual_length + self.turbo.block_size)
+            shape = (self.batch, self.num_heads, room, self.head_dim)
+            new_k, new_v = key_states.new_empty(shape), value_states.new_empty(shape)
+            if n:
+                new_k[:, :, :n] = self._buf_k[:, :, :n]
+                new_v[:, :, :n] = self._buf_v[:, :, :n]
+            self._buf_k, self._buf_v = new_k, new_v
+        if self.k_mean is not None:
+            torch.sub(key_states, self.k_mean, out=self._buf_k.narrow(2, n, t))
+        else:
+            self._buf_k.narrow(2, n, t).copy_(key_states)
+        self._buf_v.narrow(2, n, t).copy_(value_states)
+        self._buf_len = n + t
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self.dtype = key_states.dtype
+        # compared per step with get_device() (cheaper than torch.device): the CUDA index, -1 for CPU (and others)
+        self._device_index = key_states.get_device()
         self.batch, self.num_heads, _, self.head_dim = key_states.shape
         if self.turbo.quantize:
             self._choose_head_bits(key_states, value_states)
@@ -317,6 +363,63 @@ class TurboLayer(DynamicLayer):
         """Append ``key_states, value_states [B, H, T, D]``; return what the attention function reads."""
         self.step_token = step_token
         self.check_flushed_finite()
+        if not self._is_next_step(key_states, value_states):  # the full checks (clear errors) off the common path
+            self._check_kv(key_states, value_states)
+        # NaN/Inf checks cost a device sync on CUDA: there they run on prefills and on every flushed block (so each
+        # token is checked before it is compressed), not on every single decode token
+        t = key_states.shape[-2]
+        if self.turbo.quantize and (t > 1 or key_states.is_cpu):
+            validate_kv("key_states", key_states)
+            validate_kv("value_states", value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.dtype != self.dtype or value_states.dtype != self.dtype:
+            key_states, value_states = key_states.to(self.dtype), value_states.to(self.dtype)
+        self.cumulative_length += t
+
+        if not self.turbo.quantize:
+            keys, values = super().update(key_states, value_states)
+            keys.turbo_layer = self
+            return keys, values
+
+        self.blocks_before = self.n_blocks
+        self._append_buffer(key_states, value_states)  # K smoothing: the buffer, pools and tail hold k - mu
+        tail_k, tail_v = self.buffer_k, self.buffer_v
+        bs = self.turbo.block_size
+        n_full = max(self._buf_len - self.turbo.residual_length, 0) // bs  # the newest residual_length stay
+        if n_full:
+            self._compress(tail_k[:, :, : n_full * bs], tail_v[:, :, : n_full * bs])
+            # copy the remainder: a view would keep the whole (possibly long) tail alive
+            self.buffer_k = tail_k[:, :, n_full * bs :].clone()
+            self.buffer_v = tail_v[:, :, n_full * bs :].clone()
+        self._tail_k, self._tail_v = tail_k, tail_v
+
+        if turbo_reader:
+            # placeholders with the right shape and no memory: a cached 0-d zero expanded (no launch per step)
+            shape = (self.batch, self.num_heads, self.cumulative_length, self.head_dim)
+            zero = self._zero  # in the layer's dtype and on its device, like key_states here
+            if zero is None:
+                zero = self._zero = key_states.new_zeros(())
+            keys, values = zero.expand(shape), zero.expand(shape)
+        else:
+            keys, values = self.step_kv()
+        keys.turbo_layer = self
+        return keys, values
+
+    def _is_next_step(self, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """True when ``k, v`` are plainly this cache's next tokens: tensors of its dtype and device and of the same
+        ``[B, H, T, D]`` shape with its (B, H, D). Cheap (a decode step's host time counts); anything else goes
+        through :meth:`_check_kv`, which raises the clear error or accepts (e.g. a dtype it converts)."""
+        if not (self.is_initialized and type(k) is torch.Tensor and type(v) is torch.Tensor):
+            return False
+        shape = k.shape
+        return (k.dtype == self.dtype and v.dtype == self.dtype and shape == v.shape and shape[0] == self.batch
+                and shape[1] == self.num_heads and shape[3] == self.head_dim and shape[2] > 0
+                and k.get_device() == self._device_index and v.get_device() == self._device_index
+                and (k.is_cuda and v.is_cuda if self._device_index >= 0 else k.is_cpu and v.is_cpu))
+
+    def _check_kv(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Raise a clear error unless ``key_states, value_states`` can be appended to this layer."""
         validate_kv("key_states", key_states, check_finite=False)
         validate_kv("value_states", value_states, check_finite=False)
         if key_states.shape != value_states.shape:
@@ -332,49 +435,6 @@ class TurboLayer(DynamicLayer):
                 raise ValueError(f"key_states has (batch, kv_heads, head_dim) = {got}, but this cache holds {expect}")
             if key_states.device != self.device:
                 raise ValueError(f"key_states is on {key_states.device}, but this cache lives on {self.device}")
-        # NaN/Inf checks cost a device sync on CUDA: there they run on prefills and on every flushed block (so each
-        # token is checked before it is compressed), not on every single decode token
-        if self.turbo.quantize and (key_states.device.type == "cpu" or key_states.shape[-2] > 1):
-            validate_kv("key_states", key_states)
-            validate_kv("value_states", value_states)
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if key_states.dtype != self.dtype or value_states.dtype != self.dtype:
-            key_states, value_states = key_states.to(self.dtype), value_states.to(self.dtype)
-        self.cumulative_length += key_states.shape[-2]
-
-        if not self.turbo.quantize:
-            keys, values = super().update(key_states, value_states)
-            keys.turbo_layer = self
-            return keys, values
-
-        if self.k_mean is not None:  # K smoothing: everything below (pools, buffer, tail) holds k - mu
-            key_states = key_states - self.k_mean
-        self.blocks_before = self.n_blocks
-        tail_k = torch.cat([self.buffer_k, key_states], dim=-2)
-        tail_v = torch.cat([self.buffer_v, value_states], dim=-2)
-        bs = self.turbo.block_size
-        n_full = max(tail_k.shape[-2] - self.turbo.residual_length, 0) // bs  # the newest residual_length stay
-        if n_full:
-            self._compress(tail_k[:, :, : n_full * bs], tail_v[:, :, : n_full * bs])
-            # copy the remainder: a view would keep the whole (possibly long) tail alive
-            self.buffer_k = tail_k[:, :, n_full * bs :].clone()
-            self.buffer_v = tail_v[:, :, n_full * bs :].clone()
-        else:  # the tail is a fresh tensor of exactly the buffer's tokens: no copy (a decode step's common case)
-            self.buffer_k, self.buffer_v = tail_k, tail_v
-        self._tail_k, self._tail_v = tail_k, tail_v
-
-        if turbo_reader:
-            # placeholders with the right shape and no memory: a cached 0-d zero expanded (no launch per step)
-            shape = (self.batch, self.num_heads, self.cumulative_length, self.head_dim)
-            zero = self._zero
-            if zero is None or zero.dtype != key_states.dtype or zero.device != key_states.device:
-                zero = self._zero = key_states.new_zeros(())
-            keys, values = zero.expand(shape), zero.expand(shape)
-        else:
-            keys, values = self.step_kv()
-        keys.turbo_layer = self
-        return keys, values
 
     def step_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """What a non-turbo attention reads this step, ``[B, H, S, D]`` in the model's dtype: the blocks compressed
@@ -510,7 +570,8 @@ class TurboLayer(DynamicLayer):
             return 0
         if not self.turbo.quantize:
             return self.nbytes()
-        return self._unpooled_nbytes() + sum(t.nbytes for pool in self.pools.values() for t in pool.values())
+        buffer = self._buf_k.nbytes + self._buf_v.nbytes - self.buffer_k.nbytes - self.buffer_v.nbytes  # its room
+        return self._unpooled_nbytes() + buffer + sum(t.nbytes for pool in self.pools.values() for t in pool.values())
 
     def fp16_nbytes(self) -> int:
         """Bytes an FP16 cache would hold for the same tokens."""

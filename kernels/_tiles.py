@@ -4,6 +4,7 @@
 * :func:`load_packed_tile`: ``BLOCK_N`` rows of a compressed block, unpacked from INT4/INT2 (or INT8) codes and
   rebuilt to INT8 with integer ops (``quant.bpq.unpack_bits`` + ``rebuild_stage2``), returned as int32.
 * :func:`rebuild_packed_f16`: the same INT8 values built in FP16 arithmetic (decode: no int->float conversion).
+* :func:`qk_dot`: a tile's exact ``Q . K^T`` (int32, or fp32 of fp16 integer operands), unscaled.
 * :func:`online_update`: one softmax tile of ``quant.attention.turbo_attention_reference``: running max, SAS or exp2,
   alpha = exact exponential, P at 1/127 (INT8 PV), FP16 or FP8 PV; masked scores never contribute.
 """
@@ -186,42 +187,49 @@ def load_packed_tile(codes_ptr, s2_ptr, z_ptr, slot, r0, d, D,
 
 
 @triton.jit
-def scores_int8(q8, k8, qs, ks):
-    """``(Q8 . K8^T)`` exact, then ``(s * s_Q) * s_K`` in FP32. ``q8 [M, DP]``, ``k8 [BLOCK_N, DP]``: int8 (INT32 dot)
-    or fp16 holding the same integers (FP32 dot, also exact: every partial sum is an integer below 2^24)."""
-    if q8.dtype == tl.int8:
-        s = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32).to(tl.float32)
-    else:
-        s = tl.dot(q8, tl.trans(k8), out_dtype=tl.float32)
-    return (s * qs[:, None]) * ks
+def qk_dot(q, k):
+    """``Q . K^T`` of one tile, exact: int32 for int8 ``q [M, DP]``, ``k [BLOCK_N, DP]`` (INT32 dot), or fp32 for fp16
+    operands holding the same integers (FP32 dot, also exact: every partial sum is an integer below 2^24). The scores
+    are this times the per-row scale ``s_Q * s_K`` (:func:`online_update` applies it)."""
+    if q.dtype == tl.int8:
+        return tl.dot(q, tl.trans(k), out_dtype=tl.int32)
+    return tl.dot(q, tl.trans(k), out_dtype=tl.float32)
 
 
 @triton.jit
-def online_update(acc, m_i, l_i, s, vis, v, v_scale,
+def online_update(acc, m_i, l_i, s, c, vis, v, v_scale,
                   EXP_MODE: tl.constexpr, PV_MODE: tl.constexpr, N_R: tl.constexpr, Y_R: tl.constexpr,
                   L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr, L4: tl.constexpr,
                   L5: tl.constexpr, L6: tl.constexpr, L7: tl.constexpr, L8: tl.constexpr,
                   SKIP_EMPTY: tl.constexpr, MASKED: tl.constexpr = True, FOLD_V: tl.constexpr = False):
-    """One tile of online softmax + PV. Scores ``s`` are in natural units for SAS base e (EXP_MODE 1), log2 units
-    otherwise. ``v``: int8 ``[N, DP]`` (PV_MODE 0), fp16 already scaled (1), fp8 e4m3 of the INT8 codes (2);
-    ``v_scale``: the tile's stage-1 V scale (unused for fp16 unless ``FOLD_V``). ``MASKED=False``: every key of the
-    tile is visible to every row (``vis`` ignored). ``FOLD_V`` (fp16 PV): ``v`` holds the INT8 codes in fp16 (exact)
-    and ``v_scale`` multiplies the FP32 product, instead of rounding ``V8 * s_V`` to fp16 first (one conversion per
-    element less; the same function to within FP16 rounding of V)."""
+    """One tile of online softmax + PV. ``s``: the tile's raw dot (:func:`qk_dot`, int32 or integer-valued fp32
+    ``[M, N]``); ``c``: fp32 ``[M]``, the scale of each row (``s_Q * s_K``, softmax scale folded in), so the scores are
+    ``s * c`` in natural units for SAS base e (EXP_MODE 1), log2 units otherwise. The row maximum is taken on the raw
+    integers (``c > 0``) and ``s * c - m`` is one FMA per score, so no score is scaled twice. ``v``: int8 ``[N, DP]``
+    (PV_MODE 0), fp16 already scaled (1), fp8 e4m3 of the INT8 codes (2); ``v_scale``: the tile's stage-1 V scale
+    (unused for fp16 unless ``FOLD_V``). ``MASKED=False``: every key of the tile is visible to every row (``vis``
+    ignored). ``FOLD_V`` (fp16 PV): ``v`` holds the INT8 codes in fp16 (exact) and ``v_scale`` multiplies the FP32
+    product, instead of rounding ``V8 * s_V`` to fp16 first (one conversion per element less; the same function to
+    within FP16 rounding of V)."""
     if MASKED:
-        s = tl.where(vis, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    x = m_safe[:, None] - s
-    if EXP_MODE == 0:
-        p = tl.exp2(-x)
-        alpha = tl.exp2(m_i - m_safe)
-    elif EXP_MODE == 1:
-        p = sas_exp_e(x, N_R, L1, L2, L3, L4, L5, L6, L7, L8).to(tl.float32)
-        alpha = tl.exp2((m_i - m_safe) * LOG2E_C)
+        lowest = -2147483648 if s.dtype == tl.int32 else float("-inf")
+        s_max = tl.max(tl.where(vis, s, lowest), axis=1)
+        m_tile = tl.where(s_max > lowest, s_max.to(tl.float32) * c, float("-inf"))
     else:
-        p = sas_exp_2(x, Y_R).to(tl.float32)
+        m_tile = tl.max(s, axis=1).to(tl.float32) * c
+    m_new = tl.maximum(m_i, m_tile)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if EXP_MODE == 0:
+        p = tl.exp2(s.to(tl.float32) * c[:, None] - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
+    else:
+        x = m_safe[:, None] - s.to(tl.float32) * c[:, None]
+        if EXP_MODE == 1:
+            p = sas_exp_e(x, N_R, L1, L2, L3, L4, L5, L6, L7, L8).to(tl.float32)
+            alpha = tl.exp2((m_i - m_safe) * LOG2E_C)
+        else:
+            p = sas_exp_2(x, Y_R).to(tl.float32)
+            alpha = tl.exp2(m_i - m_safe)
     alpha = tl.where(m_i == float("-inf"), 0.0, alpha)
     if MASKED:
         p = tl.where(vis, p, 0.0)

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ._common import next_pow2, stage1_codes, stage1_inv, stage1_scale
 from ._launch import CachedLauncher, resident_per_sm
-from ._tiles import load_packed_raw, online_update, prep_v, rebuild_packed, rebuild_packed_f16, scores_int8
+from ._tiles import load_packed_raw, online_update, prep_v, qk_dot, rebuild_packed, rebuild_packed_f16
 from .prefill import LOG2E, PV_MODES, exp_constants
 
 
@@ -133,9 +133,10 @@ def _decode_kernel(
                     kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, b * HB + j, CAP, ti, d, D,
                     BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL, WORDS)
             if REBUILD:
-                s = scores_int8(q16, rebuild_packed_f16(kc, ks2, kz, BLOCK_N, DP, BITS, K_CHANNEL, WORDS, ASM), qs, ksc)
+                s = qk_dot(q16, rebuild_packed_f16(kc, ks2, kz, BLOCK_N, DP, BITS, K_CHANNEL, WORDS, ASM))
             else:
-                s = scores_int8(q8, rebuild_packed(kc, ks2, kz, d, D, BLOCK_N, BITS, K_CHANNEL).to(tl.int8), qs, ksc)
+                s = qk_dot(q8, rebuild_packed(kc, ks2, kz, d, D, BLOCK_N, BITS, K_CHANNEL).to(tl.int8))
+            c = qs * ksc
             kpos = ti * BLOCK_N + offs_n
             vis = rvalid[:, None] & (kpos[None, :] >= pad_b)
             if CAUSAL:
@@ -146,7 +147,7 @@ def _decode_kernel(
                 v = rebuild_packed_f16(vc, vs2, vz, BLOCK_N, DP, BITS, V_CHANNEL, WORDS, ASM)
             else:
                 v = prep_v(rebuild_packed(vc, vs2, vz, d, D, BLOCK_N, BITS, V_CHANNEL), vsc, PV_MODE, FOLD_V)
-            acc, m_i, l_i = online_update(acc, m_i, l_i, s, vis, v, vsc,
+            acc, m_i, l_i = online_update(acc, m_i, l_i, s, c, vis, v, vsc,
                                           EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8, SKIP_EMPTY,
                                           FOLD_V=FOLD_V)
             if PREFETCH:
@@ -164,7 +165,8 @@ def _decode_kernel(
             k_amax = tl.max(tl.max(tl.abs(kf), axis=1), axis=0)
             k_amax = tl.where(k_amax > 0, k_amax, 1.0)
             k8 = stage1_codes(kf, stage1_inv(k_amax))
-            s = scores_int8(q8, k8.to(tl.int8), qs, stage1_scale(k_amax))
+            s = qk_dot(q8, k8.to(tl.int8))
+            c = qs * stage1_scale(k_amax)
             kpos = seg_start + t
             vis = rvalid[:, None] & tm[None, :] & (kpos[None, :] >= pad_b)
             if CAUSAL:
@@ -177,7 +179,7 @@ def _decode_kernel(
             v_amax = tl.where(v_amax > 0, v_amax, 1.0)
             vsc = stage1_scale(v_amax)
             v = prep_v(stage1_codes(vf, stage1_inv(v_amax)), vsc, PV_MODE, FOLD_V)
-            acc, m_i, l_i = online_update(acc, m_i, l_i, s, vis, v, vsc,
+            acc, m_i, l_i = online_update(acc, m_i, l_i, s, c, vis, v, vsc,
                                           EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8, SKIP_EMPTY,
                                           FOLD_V=FOLD_V)
     if DIRECT:  # one program holds the whole context: normalize and write the output (no merge)
@@ -240,7 +242,7 @@ def _sm_count(device_index: int) -> int:
 
 
 def choose_split(bsz: int, hkv: int, total_tiles: int, on_gpu: bool, mult: int | None = None, max_split: int = 32,
-                 resident: int | None = None) -> int:
+                 resident: int | None = None, device_index: int | None = None) -> int:
     """Context splits per (sequence, KV head), at most ``max_split`` and at least 4 tiles each. The GPU runs the
     ``bsz * hkv * split`` programs in waves of ``resident`` per SM (default 2, the decode kernel's count at hd 128 when
     it was measured), all with the same work, so the time goes as waves x tiles per program; the split that minimizes
@@ -250,7 +252,7 @@ def choose_split(bsz: int, hkv: int, total_tiles: int, on_gpu: bool, mult: int |
     ``mult``: instead, enough splits for ``mult`` programs per SM (the rule before the wave model; benchmarks)."""
     if not on_gpu or total_tiles < 8:
         return 1
-    sms = _sm_count(torch.cuda.current_device())
+    sms = _sm_count(torch.cuda.current_device() if device_index is None else device_index)
     pairs = max(1, bsz * hkv)
     top = max(1, min(total_tiles // 4, max_split))
     if mult is not None:
@@ -388,8 +390,8 @@ def _plan(layer, query, sm_scale, causal, pad, sliding_window, has_comp, has_seg
     """The layer's cached :class:`_DecodePlan`, rebuilt when the query's shape/dtype/device or the call's constants
     differ from the last step's; the layer drops it (``kernel_cache``) whenever its head groups or pools are replaced
     (growth, reorder, crop)."""
-    sig = (query.shape, query.dtype, query.device, float(sm_scale), bool(causal), pad is None, sliding_window,
-           has_comp, has_seg, tuning)
+    sig = (query.shape, query.dtype, query.get_device(), sm_scale, causal, pad is None, sliding_window, has_comp,
+           has_seg, tuning)
     cached = layer.kernel_cache.get("decode_plan")
     if cached is not None and cached[0] == sig:
         return cached[1]
@@ -424,15 +426,17 @@ def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=Non
     plan = _plan(layer, query, sm_scale, causal, pad, sliding_window, n_comp > 0, t_seg > 0,
                  (num_warps, num_stages, prefetch, fold_v, rebuild))
     total_tiles = n_comp * plan.tiles_per_block + (t_seg + bs - 1) // bs
-    nsplit = split or choose_split(bsz, plan.hb_min, total_tiles, query.is_cuda, split_mult, max_split, plan.resident)
-    out = torch.empty(bsz, sq, hq, d, dtype=query.dtype, device=query.device).transpose(1, 2)
+    dev = query.get_device()  # -1 on CPU (interpreter)
+    on_gpu = dev >= 0
+    nsplit = split or choose_split(bsz, plan.hb_min, total_tiles, on_gpu, split_mult, max_split, plan.resident, dev)
+    out = query.new_empty((bsz, sq, hq, d)).transpose(1, 2)
     for bits, hmap in plan.maps.items():
         tail = (tk, *tk.stride(), tv, *tv.stride(), t_seg, n_comp * bs) if t_seg else (hmap, 0, 0, 0, 0) * 2 + (0, 0)
         bound = plan.decode(layer, bits, nsplit)
         bound(
             (nsplit, bsz * hmap.numel()), query, *query.stride(), nsplit, out, pad if pad is not None else hmap,
-            n_comp, *tail, n_comp * bs + t_seg - sq, device_index=query.device.index,
+            n_comp, *tail, n_comp * bs + t_seg - sq, device_index=dev if on_gpu else None,
         )
         if plan.resident is None and bound.kernel is not None:
-            plan.resident = resident_per_sm(bound.kernel, query.device.index)
+            plan.resident = resident_per_sm(bound.kernel, dev)
     return out

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._common import lut_constants, next_pow2, stage1_codes, stage1_inv, stage1_scale
-from ._tiles import load_packed_tile, online_update, prep_v, scores_int8
+from ._tiles import load_packed_tile, online_update, prep_v, qk_dot
 
 LOG2E = math.log2(math.e)
 
@@ -136,8 +136,8 @@ def _prefill_kernel(
                 r0 = (ti % TPB) * BLOCK_N
                 slot = (b * HB + j) * CAP + blk
                 k8 = load_packed_tile(kc_ptr, ks2_ptr, kz_ptr, slot, r0, d, D, BS, BLOCK_N, BITS, K_CHANNEL)
-                ksc = tl.load(ks_ptr + slot)
-                s = scores_int8(q8, k8.to(tl.int8), qs, ksc)
+                s = qk_dot(q8, k8.to(tl.int8))
+                c = qs * tl.load(ks_ptr + slot)
                 kpos = ti * BLOCK_N + offs_n
                 vis = (kpos[None, :] >= pad_b) & (kpos[None, :] < n_comp * BS)
                 if CAUSAL:
@@ -146,7 +146,7 @@ def _prefill_kernel(
                     vis = vis & (qpos[:, None] - kpos[None, :] < window)
                 v8 = load_packed_tile(vc_ptr, vs2_ptr, vz_ptr, slot, r0, d, D, BS, BLOCK_N, BITS, V_CHANNEL)
                 vsc = tl.load(vs_ptr + slot)
-                acc, m_i, l_i = online_update(acc, m_i, l_i, s, vis, prep_v(v8, vsc, PV_MODE), vsc,
+                acc, m_i, l_i = online_update(acc, m_i, l_i, s, c, vis, prep_v(v8, vsc, PV_MODE), vsc,
                                               EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8,
                                               SKIP_EMPTY, phase != 1)
 
@@ -176,8 +176,8 @@ def _prefill_kernel(
                 tm = t < T_seg
                 k8 = tl.load(k8_ptr + base + t[:, None] * D + d[None, :], mask=tm[:, None] & dm[None, :], other=0)
                 sblk = (b * HKV + h) * NBLK_seg + (ti * BLOCK_N) // BS
-                ksc = tl.load(k8s_ptr + sblk)
-                s = scores_int8(q8, k8, qs, ksc)
+                s = qk_dot(q8, k8)
+                c = qs * tl.load(k8s_ptr + sblk)
                 kpos = seg_start + t
                 vis = tm[None, :] & (kpos[None, :] >= pad_b)
                 if CAUSAL:
@@ -201,7 +201,7 @@ def _prefill_kernel(
                         v = v8
                     else:
                         v = v8.to(tl.float32).to(tl.float8e4nv)
-                acc, m_i, l_i = online_update(acc, m_i, l_i, s, vis, v, vsc,
+                acc, m_i, l_i = online_update(acc, m_i, l_i, s, c, vis, v, vsc,
                                               EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8,
                                               SKIP_EMPTY, phase != 1)
 

@@ -88,7 +88,8 @@ def test_interpreted_or_unknown_kernels_use_the_normal_launch():
 @pytest.mark.parametrize("direct", [False, True])
 def test_bound_launch_checks_only_the_varying_arguments(direct, monkeypatch):
     """BoundLaunch: fixed arguments bound once; each call supplies the varying ones, launched through the compiled
-    kernel while their specialization matches the first call's, and through the keyed launch when it does not."""
+    kernel (tensors passed as their addresses) while their specialization matches the first call's, and through the
+    keyed launch when it does not."""
     monkeypatch.setattr(_launch, "_DIRECT_RUN", direct)
     monkeypatch.setattr(_launch, "_current_stream", lambda device_index=None: 7)
     fn = FakeJit()
@@ -98,7 +99,7 @@ def test_bound_launch_checks_only_the_varying_arguments(direct, monkeypatch):
     bound((4,), x, 5)  # first call: compiles (keyed launch)
     assert fn.log[-1] == ("jit", (4,), (x, 32, 5), {"BLOCK": 32, "num_warps": 4})
     bound((6, 2), y, 9)  # same specialization (aligned float tensor, unspecialized int): the compiled kernel
-    assert fn.log[-1][:3] == ("compiled", (6, 2, 1), (y, 32, 9, 32))
+    assert fn.log[-1][:3] == ("compiled", (6, 2, 1), (y.data_ptr(), 32, 9, 32))
     n = len(fn.log)
     bound((6,), x[1:], 9)  # misaligned: back to the keyed launch, which compiles that specialization
     assert fn.log[n][0] == "jit" and fn.log[n][2][0].data_ptr() == x[1:].data_ptr()
@@ -106,7 +107,7 @@ def test_bound_launch_checks_only_the_varying_arguments(direct, monkeypatch):
     bound((6,), xd, 9)  # another dtype: keyed launch again
     assert fn.log[-1][0] == "jit"
     bound((6,), xd, 10)  # the bound launch follows the last specialization it saw: compiled again
-    assert fn.log[-1][:3] == ("compiled", (6, 1, 1), (xd, 32, 10, 32))
+    assert fn.log[-1][:3] == ("compiled", (6, 1, 1), (xd.data_ptr(), 32, 10, 32))
 
 
 def test_bound_launch_names_every_parameter():
