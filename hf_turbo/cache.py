@@ -179,19 +179,24 @@ class TurboLayer(DynamicLayer):
         go past them, and new storage leaves the old one untouched."""
         n, t = self._buf_len, key_states.shape[-2]
         if self._buf_k is None or self._buf_k.shape[-2] < n + t:
-            room = max(n + t, self.turbo.residual_length + self.turbo.block_size)
-            shape = (self.batch, self.num_heads, room, self.head_dim)
-            new_k, new_v = key_states.new_empty(shape), value_states.new_empty(shape)
-            if n:
-                new_k[:, :, :n] = self._buf_k[:, :, :n]
-                new_v[:, :, :n] = self._buf_v[:, :, :n]
-            self._buf_k, self._buf_v = new_k, new_v
+            self._new_buffer(self.buffer_k, self.buffer_v, t)
         if self.k_mean is not None:
             torch.sub(key_states, self.k_mean, out=self._buf_k.narrow(2, n, t))
         else:
             self._buf_k.narrow(2, n, t).copy_(key_states)
         self._buf_v.narrow(2, n, t).copy_(value_states)
         self._buf_len = n + t
+
+    def _new_buffer(self, keep_k: torch.Tensor, keep_v: torch.Tensor, extra: int) -> None:
+        """Make ``keep_k, keep_v [B, H, n, D]`` the buffer, copied into new storage with room for ``extra`` more
+        tokens and at least ``residual_length + block_size`` in all (the old storage is left as it was)."""
+        n = keep_k.shape[-2]
+        room = max(n + extra, self.turbo.residual_length + self.turbo.block_size)
+        shape = (self.batch, self.num_heads, room, self.head_dim)
+        self._buf_k, self._buf_v = keep_k.new_empty(shape), keep_v.new_empty(shape)
+        self._buf_k[:, :, :n] = keep_k
+        self._buf_v[:, :, :n] = keep_v
+        self._buf_len = n
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -389,9 +394,8 @@ class TurboLayer(DynamicLayer):
         n_full = max(self._buf_len - self.turbo.residual_length, 0) // bs  # the newest residual_length stay
         if n_full:
             self._compress(tail_k[:, :, : n_full * bs], tail_v[:, :, : n_full * bs])
-            # copy the remainder: a view would keep the whole (possibly long) tail alive
-            self.buffer_k = tail_k[:, :, n_full * bs :].clone()
-            self.buffer_v = tail_v[:, :, n_full * bs :].clone()
+            # copy the remainder into storage with room (a view would keep the whole, possibly long, tail alive)
+            self._new_buffer(tail_k[:, :, n_full * bs :], tail_v[:, :, n_full * bs :], 1)
         self._tail_k, self._tail_v = tail_k, tail_v
 
         if turbo_reader:
