@@ -52,16 +52,12 @@ class CalibrationTextError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------- model facts
-def _text_config(config):
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-
-
 def model_fingerprint(model_or_config) -> dict[str, Any]:
     """``{name, model_type, num_hidden_layers, num_key_value_heads, head_dim}`` of a model (or its config)."""
-    from hf_turbo.cache import head_dim, kv_heads
+    from hf_turbo.cache import head_dim, kv_heads, text_config
 
     config = getattr(model_or_config, "config", model_or_config)
-    text = _text_config(config)
+    text = text_config(config)
     name = getattr(config, "_name_or_path", "") or getattr(config, "_model_name_or_path", "") or ""
     return {
         "name": str(name),
@@ -362,11 +358,11 @@ def apply_calibration(model, calibration: Calibration | str | os.PathLike, *, in
     Raises ValueError if it was made for a model with other layer / KV-head / head_dim counts. ``int2_fraction`` /
     ``int2_heads`` override the head count stored in the file, ``int2_scope`` / ``int2_normalize`` its scope.
     """
-    from hf_turbo.cache import check_priorities
+    from hf_turbo.cache import check_priorities, text_config
 
     cal = calibration if isinstance(calibration, Calibration) else Calibration.load(calibration)
     check_fingerprint(cal.model, model)
-    check_priorities(cal.priorities, _text_config(model.config))
+    check_priorities(cal.priorities, text_config(model.config))
     if int2_fraction is not None or int2_heads is not None:
         cal = Calibration(**{**asdict(cal), "int2_fraction": int2_fraction, "int2_heads": int2_heads})
     scope = {k: v for k, v in (("int2_scope", int2_scope), ("int2_normalize", int2_normalize)) if v is not None}

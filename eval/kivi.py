@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from hf_turbo.cache import text_config
+
 
 def fake_quantize(x: torch.Tensor, nbits: int, group_size: int, dim: int) -> torch.Tensor:
     """Asymmetric min/max round-to-nearest quantization of ``x`` in groups of ``group_size`` along ``dim``, returned
@@ -134,7 +136,7 @@ class KIVICache(Cache):
 
     def __init__(self, config=None, nbits: int = 2, group_size: int = 32, residual_length: int = 128):
         self.nbits, self.group_size, self.residual_length = nbits, group_size, residual_length
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        text = text_config(config)
         layers = [KIVILayer(nbits, group_size, residual_length) for _ in range(text.num_hidden_layers)]
         super().__init__(layers=layers)
 

@@ -604,7 +604,8 @@ def tensor_parallel_shard(local_heads: int, global_heads: int | None) -> tuple[i
     )
 
 
-def _text_config(config: Any) -> Any:
+def text_config(config: Any) -> Any:
+    """The text decoder's config of a model config (itself for text-only models; None stays None)."""
     if config is not None and hasattr(config, "get_text_config"):
         return config.get_text_config(decoder=True)
     return config
@@ -612,13 +613,13 @@ def _text_config(config: Any) -> Any:
 
 def kv_heads(config: Any) -> int:
     """KV heads of a model config (its text decoder's, for multimodal configs)."""
-    text = _text_config(config)
+    text = text_config(config)
     return getattr(text, "num_key_value_heads", None) or text.num_attention_heads
 
 
 def head_dim(config: Any) -> int:
     """Head dim of a model config (its text decoder's, for multimodal configs)."""
-    text = _text_config(config)
+    text = text_config(config)
     return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
 
@@ -635,7 +636,7 @@ def resolve_turbo_config(config: Any = None, turbo: TurboConfig | None = None, *
             turbo = TurboConfig()
     if overrides:
         turbo = turbo.replace(**overrides)
-    text = _text_config(config)
+    text = text_config(config)
     if turbo.priorities is not None and text is not None:
         check_priorities(turbo.priorities, text)
     return turbo
@@ -677,7 +678,7 @@ class TurboQuantCache(Cache):
         self.turbo = resolve_turbo_config(config, turbo, **overrides)
         self._step_token: object | None = None
         self.model_config = config
-        text = _text_config(config)
+        text = text_config(config)
         model_scope = self.turbo.quantize and self.turbo.int2_scope == "model" and _wants_low_heads(self.turbo)
         if model_scope and self.turbo.priorities is None:
             raise ValueError(MODEL_SCOPE_NEEDS_PRIORITIES)
