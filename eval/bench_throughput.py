@@ -142,6 +142,27 @@ def run_once(model, method: str, batch: int, prompt: int, new: int, device, chun
         return _run_once(model, method, batch, prompt, new, device, chunk)
 
 
+class StepClock:
+    """A stopping criterion that never stops and notes the host time of each generation step (``times``).
+
+    generate() waits for the device once per step (its end-of-sequence check), so the gap between two notes is one
+    step as the user sees it; the median gap is the inter-token latency, which a stall of the shared host during a
+    few steps does not move (the mean, TPOT, takes every stall in)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._false = None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        if self._false is None or self._false.shape[0] != input_ids.shape[0]:
+            self._false = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return self._false
+
+    def gaps_ms(self) -> list[float]:
+        return [1e3 * (b - a) for a, b in zip(self.times, self.times[1:])]
+
+
 @torch.inference_mode()
 def _run_once(model, method, batch, prompt, new, device, chunk):
     from hf_turbo.generate import cache_bytes, cache_kwarg
@@ -165,18 +186,23 @@ def _run_once(model, method, batch, prompt, new, device, chunk):
     else:  # QuantizedCache cannot crop: prefill again
         cache = make_cache(method, model)
         prefill(model, ids, cache, chunk)
+    from transformers import StoppingCriteriaList
+
+    clock = StepClock()
     _sync(device)
     t0 = time.perf_counter()
     model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                   **{ckw: cache})
+                   stopping_criteria=StoppingCriteriaList([clock]), **{ckw: cache})
     _sync(device)
     decode = time.perf_counter() - t0
+    gaps = clock.gaps_ms()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     tokens = prompt + new
     kv = cache_bytes(cache)
     return {
         "method": method, "batch": batch, "prompt": prompt, "new": new,
         "ttft_s": ttft, "tpot_ms": 1e3 * decode / new,
+        "itl_ms_median": statistics.median(gaps) if gaps else float("nan"),
         "decode_tok_s": batch * new / decode, "peak_gib": peak / 2**30,
         "kv_bytes_per_token": kv / (batch * tokens),
     }
@@ -280,8 +306,8 @@ def run(args) -> int:
         if reason:
             skipped[method] = reason
     jobs = [(m, p, n) for p, n in lengths for m in methods if m not in skipped]
-    for method in {m for m, _, _ in jobs}:  # warm-up: kernel compilation and allocator growth stay out of timings
-        run_once(model, method, 1, 64, 4, device)
+    for method, prompt in {(m, p) for m, p, _ in jobs}:  # warm-up: compilation and allocator growth stay out of timings
+        run_once(model, method, 1, prompt, 4, device)  # the prompt's length: the kernels' variants for that context
     if args.latency_repeats > 0:
         active = [m for m in methods if m not in skipped]
         lat = batch1_latency(model, active, [p for p, _ in lengths], args.latency_new, args.latency_repeats, device)
@@ -293,8 +319,11 @@ def run(args) -> int:
                    "round, rounds repeated, so host or clock drift hits all alike. ratio_vs_sdpa: median TPOT over the "
                    "faster SDPA method's median (<= 1.10 is the target: at most 10% slower per token); "
                    "ratio_paired_median: the median over rounds of TPOT over the faster SDPA method's TPOT in the "
-                   "same round (drift between rounds cancels)."),
-            extra={"samples": lat["samples"]}, out_dir=out_dir,
+                   "same round (drift between rounds cancels; the order of the methods rotates from round to "
+                   "round). itl_ms_median: the median over runs of each run's median inter-token latency (the time "
+                   "between two generation steps, host stalls during a few steps "
+                   "left out; TPOT, the mean, keeps them); itl_ratio_paired_median: its per-round ratio, as above."),
+            extra={"samples": lat["samples"], "itl_samples": lat["itl_samples"]}, out_dir=out_dir,
         )
         for row in lat["summary"]:
             print(row)
@@ -332,29 +361,43 @@ def run(args) -> int:
 
 def batch1_latency(model, methods, prompts, new, repeats, device) -> dict[str, Any]:
     """Batch-1 time per output token of every method, interleaved over ``repeats`` rounds (one generation per method
-    per round): ``{"summary": [row per (prompt, method)], "samples": {"<prompt>/<method>": [tpot_ms, ...]}}``."""
+    per round): ``{"summary": [row per (prompt, method)], "samples": {"<prompt>/<method>": [tpot_ms, ...]},
+    "itl_samples": {...: [median inter-token latency of each run, ms]}}``."""
     from tqdm import tqdm
 
     samples: dict[str, list[float]] = {}
-    for _ in tqdm(range(repeats), desc="batch-1 latency"):
+    itl: dict[str, list[float]] = {}
+    for rnd in tqdm(range(repeats), desc="batch-1 latency"):
         for prompt in prompts:
-            for method in methods:
+            for method in methods[rnd % len(methods):] + methods[: rnd % len(methods)]:  # no method always first
                 r = run_once(model, method, 1, prompt, new, device)
                 samples.setdefault(f"{prompt}/{method}", []).append(r["tpot_ms"])
+                itl.setdefault(f"{prompt}/{method}", []).append(r["itl_ms_median"])
     summary = []
     for prompt in prompts:
-        med = {m: statistics.median(samples[f"{prompt}/{m}"]) for m in methods}
-        sdpa = [m for m in SDPA_METHODS if m in med]
-        base = min((med[m] for m in sdpa), default=float("nan"))
-        # per round: the method over the faster SDPA method of the same round (both ran minutes apart at most)
-        round_base = [min(samples[f"{prompt}/{m}"][r] for m in sdpa) for r in range(repeats)] if sdpa else []
+        sdpa = [m for m in SDPA_METHODS if m in methods]
+        tpot = _vs_sdpa({m: samples[f"{prompt}/{m}"] for m in methods}, sdpa, repeats)
+        gap = _vs_sdpa({m: itl[f"{prompt}/{m}"] for m in methods}, sdpa, repeats)
         for m in methods:
             xs = samples[f"{prompt}/{m}"]
-            paired = statistics.median(x / b for x, b in zip(xs, round_base)) if round_base else float("nan")
-            summary.append({"prompt": prompt, "method": m, "tpot_ms_median": med[m], "tpot_ms_min": min(xs),
-                            "tpot_ms_max": max(xs), "runs": len(xs), "ratio_vs_sdpa": med[m] / base,
-                            "ratio_paired_median": paired})
-    return {"summary": summary, "samples": samples}
+            summary.append({"prompt": prompt, "method": m, "tpot_ms_median": tpot[m][0], "tpot_ms_min": min(xs),
+                            "tpot_ms_max": max(xs), "runs": len(xs), "ratio_vs_sdpa": tpot[m][1],
+                            "ratio_paired_median": tpot[m][2], "itl_ms_median": gap[m][0],
+                            "itl_ratio_paired_median": gap[m][2]})
+    return {"summary": summary, "samples": samples, "itl_samples": itl}
+
+
+def _vs_sdpa(runs: dict[str, list[float]], sdpa: list[str], repeats: int) -> dict[str, tuple[float, float, float]]:
+    """Per method: (median over runs, that median over the faster SDPA method's, median over rounds of the run over
+    the faster SDPA run of the same round). The per-round pairing cancels drift between rounds."""
+    med = {m: statistics.median(xs) for m, xs in runs.items()}
+    base = min((med[m] for m in sdpa), default=float("nan"))
+    round_base = [min(runs[m][r] for m in sdpa) for r in range(repeats)] if sdpa else []
+    out = {}
+    for m, xs in runs.items():
+        paired = statistics.median(x / b for x, b in zip(xs, round_base)) if round_base else float("nan")
+        out[m] = (med[m], med[m] / base, paired)
+    return out
 
 
 def summarize(rows: list[dict], fp16_per_token: float) -> list[dict]:

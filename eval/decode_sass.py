@@ -26,7 +26,9 @@ import triton
 _POINTERS = {"q_ptr": "*fp16", "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "lock_ptr": "*i32",
              "o_ptr": "*fp16", "hmap_ptr": "*i32", "pad_ptr": "*i32", "kc_ptr": "*u8", "ks_ptr": "*fp32",
              "ks2_ptr": "*u8", "kz_ptr": "*i8", "vc_ptr": "*u8", "vs_ptr": "*fp32", "vs2_ptr": "*u8", "vz_ptr": "*i8",
-             "tk_ptr": "*fp16", "tv_ptr": "*fp16"}
+             "tk_ptr": "*fp16", "tv_ptr": "*fp16", "nk_ptr": "*fp16", "nv_ptr": "*fp16", "mu_ptr": "*fp16",
+             "lo_hmap_ptr": "*i32", "lo_kc_ptr": "*u8", "lo_ks_ptr": "*fp32", "lo_ks2_ptr": "*u8", "lo_kz_ptr": "*i8",
+             "lo_vc_ptr": "*u8", "lo_vs_ptr": "*fp32", "lo_vs2_ptr": "*u8", "lo_vz_ptr": "*i8"}
 _ONES = ("sqd", "sod", "stkd", "stvd", "Sq")  # equal to 1 in a decode step: Triton makes them constants
 _DIV16 = ("sqb", "sqh", "sqs", "Hq", "sob", "soh", "sos", "stkb", "stkh", "stkt", "stvb", "stvh", "stvt", "D", "CAP")
 VARIANTS = {"int": 0, "fp16": 1, "words": 2}
@@ -49,7 +51,8 @@ def compile_decode(rebuild: str, bits: int, num_warps: int, num_stages: int):
     const = dict(G=4, QB=cfg.block_m, BS=cfg.block_size, BLOCK_M=16, BLOCK_N=cfg.block_n, DP=128, BITS=bits,
                  K_CHANNEL=cfg.k_axis == "channel", V_CHANNEL=cfg.v_axis == "channel", HAS_COMP=True, HAS_SEG=False,
                  CAUSAL=True, HAS_PAD=False, HAS_WINDOW=False, PV_MODE=PV_MODES[cfg.pv], SKIP_EMPTY=cfg.exp == "sas",
-                 PREFETCH=True, FOLD_V=True, REBUILD=VARIANTS[rebuild], ASM=True, DIRECT=True, **exp_constants(cfg))
+                 PREFETCH=True, FOLD_V=True, REBUILD=VARIANTS[rebuild], ASM=True, DIRECT=True, LO_BITS=0,
+                 WRITE_NEW=False, SUB_MEAN=cfg.k_smooth, **exp_constants(cfg))
     const.update(dict.fromkeys(_ONES, 1))
     names = [p.name for p in _decode_kernel.params]
     signature = {}

@@ -104,10 +104,12 @@ def _buffer_view(store: str, doc: str) -> property:
     buffer); assigning a tensor makes it the storage, all of it in use."""
 
     def get(self):
+        self.write_pending()
         storage = getattr(self, store)
         return None if storage is None else storage[:, :, : self._buf_len]
 
     def put(self, value):
+        self.write_pending()
         setattr(self, store, value)
         self._buf_len = 0 if value is None else value.shape[-2]
 
@@ -150,6 +152,10 @@ class TurboLayer(DynamicLayer):
         self._buf_k: torch.Tensor | None = None
         self._buf_v: torch.Tensor | None = None
         self._buf_len = 0
+        # a decode step's tokens counted in _buf_len but not yet written: (key_states, value_states, position in the
+        # buffer); the decode kernel writes them while it attends and then clears this (two launches less per layer
+        # and token), anything else that reads the buffer writes them first (write_pending)
+        self.pending: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self._zero: torch.Tensor | None = None  # 0-d zero behind the placeholder keys/values
         self._tail_k: torch.Tensor | None = None  # FP16 tokens from block `blocks_before` on, for this step
         self._tail_v: torch.Tensor | None = None
@@ -172,20 +178,40 @@ class TurboLayer(DynamicLayer):
                             "smoothing: ``k - mu``). Assigning a tensor makes it the storage.")
     buffer_v = _buffer_view("_buf_v", "The FP16 buffer's values ``[B, H, T_buf, D]`` (a view of the buffer storage).")
 
-    def _append_buffer(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def _append_buffer(self, key_states: torch.Tensor, value_states: torch.Tensor, defer: bool = False) -> None:
         """Write ``key_states`` (minus mu under K smoothing) and ``value_states`` ``[B, H, T, D]`` after the buffer's
         tokens, in place when the storage has room (a decode step between flushes), else into new storage with room
         for ``residual_length + block_size`` tokens. Views of the buffer taken before keep their tokens: writes only
-        go past them, and new storage leaves the old one untouched."""
+        go past them, and new storage leaves the old one untouched.
+
+        ``defer``: when the tokens fit in place, only count them and keep them as :attr:`pending` (the decode kernel
+        writes them; :meth:`write_pending` does for every other reader)."""
+        self.write_pending()
         n, t = self._buf_len, key_states.shape[-2]
         if self._buf_k is None or self._buf_k.shape[-2] < n + t:
             self._new_buffer(self.buffer_k, self.buffer_v, t)
+        elif defer:
+            self.pending = (key_states, value_states, n)
+            self._buf_len = n + t
+            return
+        self._write_buffer(key_states, value_states, n)
+        self._buf_len = n + t
+
+    def _write_buffer(self, key_states: torch.Tensor, value_states: torch.Tensor, n: int) -> None:
+        """Store ``key_states`` (minus mu under K smoothing) and ``value_states`` at buffer positions ``n ..``."""
+        t = key_states.shape[-2]
         if self.k_mean is not None:
             torch.sub(key_states, self.k_mean, out=self._buf_k.narrow(2, n, t))
         else:
             self._buf_k.narrow(2, n, t).copy_(key_states)
         self._buf_v.narrow(2, n, t).copy_(value_states)
-        self._buf_len = n + t
+
+    def write_pending(self) -> None:
+        """Write the :attr:`pending` tokens into the buffer storage (nothing to do without them)."""
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            self._write_buffer(*pending)
 
     def _new_buffer(self, keep_k: torch.Tensor, keep_v: torch.Tensor, extra: int) -> None:
         """Make ``keep_k, keep_v [B, H, n, D]`` the buffer, copied into new storage with room for ``extra`` more
@@ -388,10 +414,13 @@ class TurboLayer(DynamicLayer):
             return keys, values
 
         self.blocks_before = self.n_blocks
-        self._append_buffer(key_states, value_states)  # K smoothing: the buffer, pools and tail hold k - mu
-        tail_k, tail_v = self.buffer_k, self.buffer_v
-        bs = self.turbo.block_size
-        n_full = max(self._buf_len - self.turbo.residual_length, 0) // bs  # the newest residual_length stay
+        bs, residual = self.turbo.block_size, self.turbo.residual_length
+        # a step that flushes nothing, read by kernels that write the step's tokens themselves (they said so in
+        # kernel_cache, see hf_turbo.kernels.decode), leaves them pending: no copy launches here
+        defer = turbo_reader and self._buf_len + t - residual < bs and self.kernel_cache.get("writes_pending", False)
+        self._append_buffer(key_states, value_states, defer)  # K smoothing: the buffer, pools and tail hold k - mu
+        tail_k, tail_v = self._buf_k[:, :, : self._buf_len], self._buf_v[:, :, : self._buf_len]  # pending included
+        n_full = max(self._buf_len - residual, 0) // bs  # the newest residual_length stay
         if n_full:
             self._compress(tail_k[:, :, : n_full * bs], tail_v[:, :, : n_full * bs])
             # copy the remainder into storage with room (a view would keep the whole, possibly long, tail alive)
@@ -445,6 +474,7 @@ class TurboLayer(DynamicLayer):
         before this step, dequantized, then the FP16 tail (old buffer + new tokens). The same state the turbo
         attention reads: tokens flushed by this very step are attended in full precision once (like the turbo
         prefill), not through their just-made 4-bit codes. Under K smoothing mu is added back to the keys."""
+        self.write_pending()
         return self._read(self.blocks_before, self._tail_k, self._tail_v, original=True)
 
     def release_step(self) -> None:
@@ -456,6 +486,7 @@ class TurboLayer(DynamicLayer):
         """Keys/values for the attention of the current step (reference path, see quant/attention.py):
         compressed blocks that existed before this step, rebuilt to INT8, then the FP16 tail (old buffer + new
         tokens), quantized per block on the fly (``buffer_attention="int8"``) or read as FP16."""
+        self.write_pending()
         bs = self.turbo.block_size
         segments = []
         if self.blocks_before:

@@ -66,6 +66,7 @@ def attend_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=Non
     if use_decode(sq, g, split):
         return decode_layer(query, layer, sm_scale=sm_scale, causal=causal, pad=pad, sliding_window=sliding_window,
                             split=split, **decode_tuning)
+    layer.write_pending()  # the prefill kernel reads the buffer as it is
     seg = None
     if layer._tail_k is not None and layer._tail_k.shape[-2] > 0:
         seg = quantize_kv_segment(layer._tail_k, layer._tail_v, turbo)

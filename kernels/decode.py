@@ -2,7 +2,9 @@
 """Decode attention (one or a few query tokens) over the packed cache; reference:
 :func:`hf_turbo.quant.attention.turbo_attention_reference` over ``TurboLayer.attention_segments()``.
 
-* grid ``(split, batch × KV head of one bit-width pool)``; the ``G = Hq / Hkv`` query heads of the KV head and the
+* grid ``(split, batch × KV head)``: the programs of the first bit-width pool's heads, then those of the second
+  (mixed precision: INT4 and INT2 heads in one launch, each program walking its pool with its constexpr bit-width);
+  the ``G = Hq / Hkv`` query heads of the KV head and the
   ``Sq`` query rows are packed into the MMA's M dimension (rows ``r = g * Sq + i``, padded to >= 16), so each K/V
   tile is read once per KV head, not once per query head;
 * K/V are read packed (INT4/INT2/INT8 codes + integer ``s2``/``zero``), unpacked and rebuilt to INT8 in registers;
@@ -12,11 +14,14 @@
 * the context (compressed tiles then tail tiles, in position order) is split over ``split`` programs; each writes its
   unnormalized ``acc``, running max ``m`` and sum ``l``, and the last program of a (sequence, KV head) to finish
   combines them by log-sum-exp (:func:`_merge_splits`; an arrival counter per program, reset by the merger).
-* ragged batches: left padding ``pad[B]`` masks the first keys of each row.
+* ragged batches: left padding ``pad[B]`` masks the first keys of each row;
+* a decode step's own tokens may still be pending (``TurboLayer.pending``: the cache update left them unwritten):
+  the program whose tail rows they are reads them from the step's K/V, writes them into the buffer (K smoothing's
+  mu subtracted) and attends to the stored values, which saves the update's two copy launches.
 
 Q is read in its own dtype and quantized in the kernel, stage-1 INT8 per (head, ``block_m`` rows) like the reference
-(one row for Sq = 1). Per step and layer that is one decode launch per bit-width pool: no separate quantization or
-merge launches (a launch costs more host time than the GPU time of a decode at batch 1). Step-varying integers
+(one row for Sq = 1). Per step and layer that is one launch in all: no cache-append, quantization or merge
+launches (a launch costs more host time than the GPU time of a decode at batch 1). Step-varying integers
 (context length, tail length, splits) are not specialized by Triton, so generation does not recompile as the
 context grows.
 
@@ -54,30 +59,95 @@ def _load_comp_tile(kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz
     return kc, ks2, kz, tl.load(ks_ptr + slot), vc, vs2, vz, tl.load(vs_ptr + slot)
 
 
-@triton.jit(do_not_specialize=["NSPLIT", "CAP", "n_comp", "T_seg", "seg_start", "q_start"])
+@triton.jit
+def _walk_compressed(acc, m_i, l_i, q8, q16, qs, rvalid, qpos, pad_b, d, D, window, t_begin, c_end, n_ct,
+                     kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, bh, CAP,
+                     BS: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr,
+                     K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                     EXP_MODE: tl.constexpr, PV_MODE: tl.constexpr, N_R: tl.constexpr, Y_R: tl.constexpr,
+                     L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr, L4: tl.constexpr,
+                     L5: tl.constexpr, L6: tl.constexpr, L7: tl.constexpr, L8: tl.constexpr,
+                     SKIP_EMPTY: tl.constexpr, PREFETCH: tl.constexpr, FOLD_V: tl.constexpr, REBUILD: tl.constexpr,
+                     ASM: tl.constexpr):
+    """The compressed tiles ``[t_begin, c_end)`` of pool row ``bh`` (one bit-width pool) folded into the online
+    softmax state ``(acc, m_i, l_i)``, which is returned."""
+    WORDS: tl.constexpr = REBUILD == 2
+    offs_n = tl.arange(0, BLOCK_N)
+    # software prefetch: the packed reads of tile ti + 1 are issued before tile ti is rebuilt and attended, so
+    # the HBM latency of one tile hides behind the arithmetic of the previous one (the loop is latency-bound
+    # otherwise: few programs fit an SM next to the unpacked INT8 tiles)
+    kc, ks2, kz, ksc, vc, vs2, vz, vsc = _load_comp_tile(
+        kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, bh, CAP, tl.minimum(t_begin, n_ct - 1), d, D,
+        BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL, WORDS)
+    for ti in range(t_begin, c_end):
+        if PREFETCH:
+            nk, nks2, nkz, nksc, nv, nvs2, nvz, nvsc = _load_comp_tile(
+                kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, bh, CAP,
+                tl.minimum(ti + 1, c_end - 1), d, D, BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL, WORDS)
+        else:
+            kc, ks2, kz, ksc, vc, vs2, vz, vsc = _load_comp_tile(
+                kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, bh, CAP, ti, d, D,
+                BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL, WORDS)
+        if REBUILD:
+            s = qk_dot(q16, rebuild_packed_f16(kc, ks2, kz, BLOCK_N, DP, BITS, K_CHANNEL, WORDS, ASM))
+        else:
+            s = qk_dot(q8, rebuild_packed(kc, ks2, kz, d, D, BLOCK_N, BITS, K_CHANNEL).to(tl.int8))
+        c = qs * ksc
+        kpos = ti * BLOCK_N + offs_n
+        vis = rvalid[:, None] & (kpos[None, :] >= pad_b)
+        if CAUSAL:
+            vis = vis & (kpos[None, :] <= qpos[:, None])
+        if HAS_WINDOW:
+            vis = vis & (qpos[:, None] - kpos[None, :] < window)
+        if REBUILD:  # FP16 PV on the INT8 codes (FOLD_V), built in fp16
+            v = rebuild_packed_f16(vc, vs2, vz, BLOCK_N, DP, BITS, V_CHANNEL, WORDS, ASM)
+        else:
+            v = prep_v(rebuild_packed(vc, vs2, vz, d, D, BLOCK_N, BITS, V_CHANNEL), vsc, PV_MODE, FOLD_V)
+        acc, m_i, l_i = online_update(acc, m_i, l_i, s, c, vis, v, vsc,
+                                      EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8, SKIP_EMPTY,
+                                      FOLD_V=FOLD_V)
+        if PREFETCH:
+            kc, ks2, kz, ksc, vc, vs2, vz, vsc = nk, nks2, nkz, nksc, nv, nvs2, nvz, nvsc
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["NSPLIT", "CAP", "CAP_LO", "n_comp", "T_seg", "seg_start", "q_start", "T_old"])
 def _decode_kernel(
     q_ptr, sqb, sqh, sqs, sqd, q_mult, Hq,
     acc_ptr, m_ptr, l_ptr, lock_ptr, NSPLIT, o_ptr, sob, soh, sos, sod,
-    hmap_ptr, pad_ptr,
+    hmap_ptr, pad_ptr, NB,
     kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, HB, CAP, n_comp,
+    lo_hmap_ptr, lo_kc_ptr, lo_ks_ptr, lo_ks2_ptr, lo_kz_ptr, lo_vc_ptr, lo_vs_ptr, lo_vs2_ptr, lo_vz_ptr,
+    HB_LO, CAP_LO,
     tk_ptr, stkb, stkh, stkt, stkd, tv_ptr, stvb, stvh, stvt, stvd, T_seg, seg_start,
+    nk_ptr, snkb, snkh, snkt, snkd, nv_ptr, snvb, snvh, snvt, snvd, T_old, mu_ptr, smb, smh, smd,
     Sq, q_start, D, window,
     G: tl.constexpr, QB: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
-    BITS: tl.constexpr, K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr,
+    BITS: tl.constexpr, LO_BITS: tl.constexpr, K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr,
     HAS_COMP: tl.constexpr, HAS_SEG: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr,
     EXP_MODE: tl.constexpr, PV_MODE: tl.constexpr, N_R: tl.constexpr, Y_R: tl.constexpr,
     L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr, L4: tl.constexpr,
     L5: tl.constexpr, L6: tl.constexpr, L7: tl.constexpr, L8: tl.constexpr,
     SKIP_EMPTY: tl.constexpr, PREFETCH: tl.constexpr, FOLD_V: tl.constexpr, REBUILD: tl.constexpr,
-    ASM: tl.constexpr, DIRECT: tl.constexpr,
+    ASM: tl.constexpr, DIRECT: tl.constexpr, WRITE_NEW: tl.constexpr, SUB_MEAN: tl.constexpr,
 ):
     sp = tl.program_id(0)
     pid = tl.program_id(1)
-    b = pid // HB
-    j = pid % HB
-    h = tl.load(hmap_ptr + j)
+    # programs [0, NB * HB) serve the BITS pool's heads, the next NB * HB_LO (LO_BITS > 0) the LO_BITS pool's
+    if LO_BITS > 0:
+        lo = pid >= NB * HB
+    else:
+        lo: tl.constexpr = False  # one pool: the second pool's branches are not compiled
+    if lo:
+        b = (pid - NB * HB) // HB_LO
+        j = (pid - NB * HB) % HB_LO
+        h = tl.load(lo_hmap_ptr + j)
+    else:
+        b = pid // HB
+        j = pid % HB
+        h = tl.load(hmap_ptr + j)
     r = tl.arange(0, BLOCK_M)
     g = r // Sq
     i = r % Sq
@@ -96,7 +166,6 @@ def _decode_kernel(
     q8 = stage1_codes(qf, stage1_inv(q_amax)[:, None]).to(tl.int8)
     qs = stage1_scale(q_amax) * q_mult
     q16 = q8.to(tl.float16)  # the same integers, the operand of the FP16 dot over compressed tiles (REBUILD > 0)
-    WORDS: tl.constexpr = REBUILD == 2
     qpos = q_start + i
     if HAS_PAD:
         pad_b = tl.load(pad_ptr + b)
@@ -114,44 +183,22 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DP], tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
     if HAS_COMP:
         c_end = tl.minimum(t_end, n_ct)
-        # software prefetch: the packed reads of tile ti + 1 are issued before tile ti is rebuilt and attended, so
-        # the HBM latency of one tile hides behind the arithmetic of the previous one (the loop is latency-bound
-        # otherwise: few programs fit an SM next to the unpacked INT8 tiles)
-        kc, ks2, kz, ksc, vc, vs2, vz, vsc = _load_comp_tile(
-            kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, b * HB + j, CAP, tl.minimum(t_begin, n_ct - 1), d, D,
-            BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL, WORDS)
-        for ti in range(t_begin, c_end):
-            if PREFETCH:
-                nk, nks2, nkz, nksc, nv, nvs2, nvz, nvsc = _load_comp_tile(
-                    kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, b * HB + j, CAP,
-                    tl.minimum(ti + 1, c_end - 1), d, D, BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL, WORDS)
-            else:
-                kc, ks2, kz, ksc, vc, vs2, vz, vsc = _load_comp_tile(
-                    kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, b * HB + j, CAP, ti, d, D,
-                    BS, BLOCK_N, BITS, K_CHANNEL, V_CHANNEL, WORDS)
-            if REBUILD:
-                s = qk_dot(q16, rebuild_packed_f16(kc, ks2, kz, BLOCK_N, DP, BITS, K_CHANNEL, WORDS, ASM))
-            else:
-                s = qk_dot(q8, rebuild_packed(kc, ks2, kz, d, D, BLOCK_N, BITS, K_CHANNEL).to(tl.int8))
-            c = qs * ksc
-            kpos = ti * BLOCK_N + offs_n
-            vis = rvalid[:, None] & (kpos[None, :] >= pad_b)
-            if CAUSAL:
-                vis = vis & (kpos[None, :] <= qpos[:, None])
-            if HAS_WINDOW:
-                vis = vis & (qpos[:, None] - kpos[None, :] < window)
-            if REBUILD:  # FP16 PV on the INT8 codes (FOLD_V), built in fp16
-                v = rebuild_packed_f16(vc, vs2, vz, BLOCK_N, DP, BITS, V_CHANNEL, WORDS, ASM)
-            else:
-                v = prep_v(rebuild_packed(vc, vs2, vz, d, D, BLOCK_N, BITS, V_CHANNEL), vsc, PV_MODE, FOLD_V)
-            acc, m_i, l_i = online_update(acc, m_i, l_i, s, c, vis, v, vsc,
-                                          EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8, SKIP_EMPTY,
-                                          FOLD_V=FOLD_V)
-            if PREFETCH:
-                kc, ks2, kz, ksc, vc, vs2, vz, vsc = nk, nks2, nkz, nksc, nv, nvs2, nvz, nvsc
+        if lo:
+            acc, m_i, l_i = _walk_compressed(
+                acc, m_i, l_i, q8, q16, qs, rvalid, qpos, pad_b, d, D, window, t_begin, c_end, n_ct,
+                lo_kc_ptr, lo_ks_ptr, lo_ks2_ptr, lo_kz_ptr, lo_vc_ptr, lo_vs_ptr, lo_vs2_ptr, lo_vz_ptr,
+                b * HB_LO + j, CAP_LO, BS, BLOCK_N, DP, LO_BITS, K_CHANNEL, V_CHANNEL,
+                CAUSAL, HAS_WINDOW, EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8, SKIP_EMPTY,
+                PREFETCH, FOLD_V, REBUILD, ASM)
+        else:
+            acc, m_i, l_i = _walk_compressed(
+                acc, m_i, l_i, q8, q16, qs, rvalid, qpos, pad_b, d, D, window, t_begin, c_end, n_ct,
+                kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr,
+                b * HB + j, CAP, BS, BLOCK_N, DP, BITS, K_CHANNEL, V_CHANNEL,
+                CAUSAL, HAS_WINDOW, EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8, SKIP_EMPTY,
+                PREFETCH, FOLD_V, REBUILD, ASM)
     if HAS_SEG:
         # the FP16 tail (old buffer + this step's tokens), stage 1 per block in registers (buffer_attention="int8"):
         # the same codes and scales quantize_pack.stage1 would write, without its launch and round trip
@@ -160,8 +207,8 @@ def _decode_kernel(
             t = tb * BS + offs_b
             tm = t < T_seg
             msk = tm[:, None] & dm[None, :]
-            kf = tl.load(tk_ptr + b * stkb + h * stkh + t[:, None] * stkt + d[None, :] * stkd, mask=msk,
-                         other=0.0).to(tl.float32)
+            kf = _tail_rows(tk_ptr, stkb, stkh, stkt, stkd, nk_ptr, snkb, snkh, snkt, snkd, mu_ptr, smb, smh, smd,
+                            b, h, t, d, dm, msk, T_old, WRITE_NEW, SUB_MEAN)
             k_amax = tl.max(tl.max(tl.abs(kf), axis=1), axis=0)
             k_amax = tl.where(k_amax > 0, k_amax, 1.0)
             k8 = stage1_codes(kf, stage1_inv(k_amax))
@@ -173,8 +220,8 @@ def _decode_kernel(
                 vis = vis & (kpos[None, :] <= qpos[:, None])
             if HAS_WINDOW:
                 vis = vis & (qpos[:, None] - kpos[None, :] < window)
-            vf = tl.load(tv_ptr + b * stvb + h * stvh + t[:, None] * stvt + d[None, :] * stvd, mask=msk,
-                         other=0.0).to(tl.float32)
+            vf = _tail_rows(tv_ptr, stvb, stvh, stvt, stvd, nv_ptr, snvb, snvh, snvt, snvd, mu_ptr, smb, smh, smd,
+                            b, h, t, d, dm, msk, T_old, WRITE_NEW, False)
             v_amax = tl.max(tl.max(tl.abs(vf), axis=1), axis=0)
             v_amax = tl.where(v_amax > 0, v_amax, 1.0)
             vsc = stage1_scale(v_amax)
@@ -200,6 +247,31 @@ def _decode_kernel(
         tl.atomic_xchg(lock_ptr + pid, 0)
     tl.store(o_ptr + b * sob + hq[:, None] * soh + i[:, None] * sos + d[None, :] * sod,
              o.to(o_ptr.dtype.element_ty), mask=rvalid[:, None] & dm[None, :])
+
+
+@triton.jit
+def _tail_rows(buf_ptr, sb, sh, st, sd, new_ptr, nb, nh, nt, nd, mu_ptr, smb, smh, smd, b, h, t, d, dm, msk, T_old,
+               WRITE_NEW: tl.constexpr, SUB_MEAN: tl.constexpr):
+    """Tail rows ``t`` of head ``h`` as float32 ``[BS, DP]``: read from the FP16 buffer, except (``WRITE_NEW``) rows
+    ``t >= T_old``, the step's pending tokens (``TurboLayer.pending``), which are read from ``new_ptr``, stored in the
+    buffer's dtype (minus K smoothing's mu with ``SUB_MEAN``, in FP32 like ``torch.sub``) and written into the buffer
+    at ``t``: the values attended are the values stored. Each tail row belongs to one program of one launch, so each
+    pending token is written once."""
+    buf = buf_ptr + b * sb + h * sh + t[:, None] * st + d[None, :] * sd
+    if WRITE_NEW:
+        is_new = msk & (t >= T_old)[:, None]
+        x = tl.load(buf, mask=msk & (t < T_old)[:, None], other=0.0)
+        new = tl.load(new_ptr + b * nb + h * nh + (t - T_old)[:, None] * nt + d[None, :] * nd, mask=is_new,
+                      other=0.0)
+        if SUB_MEAN:
+            mu = tl.load(mu_ptr + b * smb + h * smh + d * smd, mask=dm, other=0.0)
+            new = new.to(tl.float32) - mu.to(tl.float32)[None, :]
+        new = new.to(buf_ptr.dtype.element_ty)
+        tl.store(buf, new, mask=is_new)
+        x = tl.where(is_new, new, x)
+    else:
+        x = tl.load(buf, mask=msk, other=0.0)
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -289,7 +361,8 @@ def _head_maps(layer, device) -> dict:
 # others are fixed for a layer's pools, scratch and constants)
 _DECODE_VARYING = ("q_ptr", "sqb", "sqh", "sqs", "sqd", "NSPLIT", "o_ptr", "pad_ptr", "n_comp",
                    "tk_ptr", "stkb", "stkh", "stkt", "stkd", "tv_ptr", "stvb", "stvh", "stvt", "stvd", "T_seg",
-                   "seg_start", "q_start")
+                   "seg_start", "nk_ptr", "snkb", "snkh", "snkt", "snkd", "nv_ptr", "snvb", "snvh", "snvt", "snvd",
+                   "T_old", "q_start")
 
 
 class _DecodePlan:
@@ -304,9 +377,10 @@ class _DecodePlan:
         exp_c = exp_constants(turbo)
         self.q_mult = float(sm_scale) * (LOG2E if exp_c["EXP_MODE"] != 1 else 1.0)
         self.maps = _head_maps(layer, query.device)
-        # programs per launch: each bit-width pool is its own launch, so the smallest pool decides how many splits
-        # fill the GPU (mixed precision would otherwise run two half-empty launches)
-        self.hb_min = min(hmap.numel() for hmap in self.maps.values())
+        if len(self.maps) > 2:
+            raise NotImplementedError(f"the decode kernel serves at most two bit-width pools, got {sorted(self.maps)}")
+        # one launch serves every pool (the first's heads, then the second's): programs per sequence and split
+        self.heads = sum(hmap.numel() for hmap in self.maps.values())
         self.tiles_per_block = turbo.block_size // turbo.block_n
         self.dp = next_pow2(d)
         self.out_strides = (sq * hq * d, d, hq * d, 1)  # torch.empty(B, Sq, Hq, D).transpose(1, 2)
@@ -319,9 +393,12 @@ class _DecodePlan:
             HAS_WINDOW=sliding_window is not None, PV_MODE=PV_MODES[turbo.pv], SKIP_EMPTY=turbo.exp == "sas",
             **exp_c, PREFETCH=bool(prefetch), FOLD_V=bool(fold_v) and turbo.pv == "fp16",
             REBUILD=REBUILDS[rebuild] if fold_v and turbo.pv == "fp16" else 0,
+            SUB_MEAN=layer.k_mean is not None,
             ASM=query.device.type == "cuda",  # packed PTX when compiled; plain Triton in the interpreter
-            num_warps=num_warps or default_warps(bsz, self.hb_min), num_stages=num_stages,
+            num_warps=num_warps or default_warps(bsz, self.heads), num_stages=num_stages,
         )
+        mu = layer.k_mean  # K smoothing's mean [B, H, 1, D], subtracted from pending keys (WRITE_NEW)
+        self.mean = (mu, mu.stride(0), mu.stride(1), mu.stride(3)) if mu is not None else None
         self.shape, self.device = (bsz, hq, sq, d), query.device  # no reference to the layer: it holds the plan
         self.launches = {}
         self.resident = None  # programs per SM of the compiled kernel, known after its first launch (choose_split)
@@ -330,7 +407,8 @@ class _DecodePlan:
 
     def _ensure_scratch(self, nsplit: int) -> None:
         """Partial results of ``nsplit`` splits (``acc [B, Hq, Sq, nsplit, DP]``, ``m``, ``l`` float32) and one
-        arrival counter per program of each pool (int32, zero; the merging program resets it), kept across steps."""
+        arrival counter per (sequence, KV head) program (int32, zero; the merging program resets it), kept across
+        steps."""
         if nsplit <= self.scratch_splits:
             return
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -344,46 +422,49 @@ class _DecodePlan:
         self.scratch = (
             torch.empty(bsz, hq, sq, nsplit, self.dp, **f32), torch.empty(bsz, hq, sq, nsplit, **f32),
             torch.empty(bsz, hq, sq, nsplit, **f32),
-            {bits: torch.zeros(bsz * hmap.numel(), dtype=torch.int32, device=self.device)
-             for bits, hmap in self.maps.items()},
+            torch.zeros(bsz * self.heads, dtype=torch.int32, device=self.device),
         )
         self.scratch_splits = nsplit
-        self.launches = {k: v for k, v in self.launches.items() if k[1]}  # split launches held the old scratch
+        self.launches = {k: v for k, v in self.launches.items() if k[0]}  # split launches held the old scratch
 
-    def decode(self, layer, bits, nsplit):
-        """The bound decode launch of ``layer``'s pool ``bits`` for ``nsplit`` splits (1: one program per KV head
-        writes the output; more: the last split to finish merges)."""
+    def decode(self, layer, nsplit, write_new):
+        """The bound decode launch of ``layer``'s pools for ``nsplit`` splits (1: one program per KV head writes the
+        output; more: the last split to finish merges), writing the layer's pending tokens into its buffer if
+        ``write_new``."""
         direct = nsplit == 1
         if not direct:
             self._ensure_scratch(nsplit)
-        bound = self.launches.get((bits, direct))
+        bound = self.launches.get((direct, write_new))
         if bound is None:
-            _, hq, sq, d = self.shape
-            hmap = self.maps[bits]
-            sob, soh, sos, sod = self.out_strides
-            fixed = dict(q_mult=self.q_mult, Hq=hq, sob=sob, soh=soh, sos=sos, sod=sod, hmap_ptr=hmap,
-                         HB=hmap.numel(), Sq=sq, D=d, window=self.window)
-            names = ("kc_ptr", "ks_ptr", "ks2_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vs2_ptr", "vz_ptr")
-            kwargs = dict(self.kwargs, BITS=bits, DIRECT=direct)
-            if bits == 8:  # the FP16 rebuilds are checked on the GPU for 2- and 4-bit pools only (tests/gpu)
+            bound = self.launches[(direct, write_new)] = self._bind(layer, direct, write_new)
+        return bound
+
+    def _bind(self, layer, direct, write_new):
+        bsz, hq, sq, d = self.shape
+        (bits, hmap), *low = self.maps.items()
+        sob, soh, sos, sod = self.out_strides
+        fixed = dict(q_mult=self.q_mult, Hq=hq, sob=sob, soh=soh, sos=sos, sod=sod, NB=bsz, Sq=sq, D=d,
+                     window=self.window)
+        kwargs = dict(self.kwargs, BITS=bits, LO_BITS=low[0][0] if low else 0, DIRECT=direct, WRITE_NEW=write_new)
+        fixed.update(zip(("mu_ptr", "smb", "smh", "smd"), self.mean if self.mean is not None else (hmap, 0, 0, 0)))
+        fields = ("k_codes", "k_scale", "k_s2", "k_zero", "v_codes", "v_scale", "v_s2", "v_zero")
+        for prefix, (b, idx) in zip(("", "lo_"), self.maps.items() if low else [(bits, hmap), (bits, hmap)]):
+            names = [prefix + n for n in ("kc_ptr", "ks_ptr", "ks2_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vs2_ptr",
+                                           "vz_ptr")]
+            hb, cap = ("HB", "CAP") if not prefix else ("HB_LO", "CAP_LO")
+            fixed.update({prefix + "hmap_ptr": idx, hb: idx.numel()})
+            if b == 8:  # the FP16 rebuilds are checked on the GPU for 2- and 4-bit pools only (tests/gpu)
                 kwargs["REBUILD"] = 0
             if self.kwargs["HAS_COMP"]:
-                pool = layer.pools[bits]
-                fields = ("k_codes", "k_scale", "k_s2", "k_zero", "v_codes", "v_scale", "v_s2", "v_zero")
-                fixed.update({n: pool[f] for n, f in zip(names, fields)}, CAP=pool["k_scale"].shape[2])
-                if kwargs["REBUILD"] == 2 and (d * bits % 32 or any(pool[f].data_ptr() % 4 for f in fields[::4])):
+                pool = layer.pools[b]
+                fixed.update({n: pool[f] for n, f in zip(names, fields)}, **{cap: pool["k_scale"].shape[2]})
+                if kwargs["REBUILD"] == 2 and (d * b % 32 or any(pool[f].data_ptr() % 4 for f in fields[::4])):
                     kwargs["REBUILD"] = 1  # word loads need whole words per row and 4-byte aligned pools
             else:  # nothing compressed yet: any tensor stands in for the pools
-                fixed.update(dict.fromkeys(names, hmap), CAP=1)
-            scratch = ("acc_ptr", "m_ptr", "l_ptr", "lock_ptr")
-            if direct:  # no partials: any tensor stands in for acc, m, l and the counter
-                fixed.update(dict.fromkeys(scratch, hmap))
-            else:
-                acc, m, l, locks = self.scratch
-                fixed.update(zip(scratch, (acc, m, l, locks[bits])))
-            bound = _DECODE.bind(fixed, kwargs, _DECODE_VARYING)
-            self.launches[(bits, direct)] = bound
-        return bound
+                fixed.update(dict.fromkeys(names, idx), **{cap: 1})
+        scratch = ("acc_ptr", "m_ptr", "l_ptr", "lock_ptr")
+        fixed.update(zip(scratch, (hmap,) * 4 if direct else self.scratch))  # direct: no partials, any tensor
+        return _DECODE.bind(fixed, kwargs, _DECODE_VARYING)
 
 
 def _plan(layer, query, sm_scale, causal, pad, sliding_window, has_comp, has_seg, tuning) -> _DecodePlan:
@@ -404,9 +485,11 @@ def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=Non
                  num_warps=None, num_stages=1, prefetch=True, fold_v=True, rebuild="words", split_mult=None,
                  max_split=32):
     """Decode attention of ``query [B, Hq, Sq, D]`` over ``layer``: its blocks compressed before this step and its
-    FP16 tail (``layer._tail_k/_tail_v``, quantized per block inside the kernel). One decode launch per bit-width
-    pool (a split context is merged by its last split to finish); the output is written in ``[B, Sq, Hq, D]`` memory
-    order (returned as a ``[B, Hq, Sq, D]`` view: transformers' layout is then free).
+    FP16 tail (``layer._tail_k/_tail_v``, quantized per block inside the kernel) and, if the layer has
+    :attr:`~hf_turbo.cache.TurboLayer.pending` tokens, those too (the kernel writes them into the buffer). One
+    decode launch for all bit-width pools (a split context is merged by its last split to finish); the output is
+    written in ``[B, Sq, Hq, D]`` memory order (returned as a ``[B, Hq, Sq, D]`` view: transformers' layout is then
+    free).
 
     ``split``: context splits (default :func:`choose_split`: the fewest waves of programs, at most ``max_split``;
     ``split_mult``: the older rule of that many programs per SM; with one split, the program normalizes and writes
@@ -428,15 +511,23 @@ def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=Non
     total_tiles = n_comp * plan.tiles_per_block + (t_seg + bs - 1) // bs
     dev = query.get_device()  # -1 on CPU (interpreter)
     on_gpu = dev >= 0
-    nsplit = split or choose_split(bsz, plan.hb_min, total_tiles, on_gpu, split_mult, max_split, plan.resident, dev)
+    nsplit = split or choose_split(bsz, plan.heads, total_tiles, on_gpu, split_mult, max_split, plan.resident, dev)
     out = query.new_empty((bsz, sq, hq, d)).transpose(1, 2)
-    for bits, hmap in plan.maps.items():
-        tail = (tk, *tk.stride(), tv, *tv.stride(), t_seg, n_comp * bs) if t_seg else (hmap, 0, 0, 0, 0) * 2 + (0, 0)
-        bound = plan.decode(layer, bits, nsplit)
-        bound(
-            (nsplit, bsz * hmap.numel()), query, *query.stride(), nsplit, out, pad if pad is not None else hmap,
-            n_comp, *tail, n_comp * bs + t_seg - sq, device_index=dev if on_gpu else None,
-        )
-        if plan.resident is None and bound.kernel is not None:
-            plan.resident = resident_per_sm(bound.kernel, dev)
+    pending = layer.pending  # this step's tokens, not yet in the buffer: the launches write them (their tail rows)
+    if pending is not None:
+        nk, nv, t_old = pending
+        new = (nk, *nk.stride(), nv, *nv.stride(), t_old)
+    else:
+        new = (query, 0, 0, 0, 0) * 2 + (t_seg,)  # unused (WRITE_NEW off): any tensor of a fixed dtype
+    hmap = next(iter(plan.maps.values()))
+    tail = (tk, *tk.stride(), tv, *tv.stride(), t_seg, n_comp * bs) if t_seg else (hmap, 0, 0, 0, 0) * 2 + (0, 0)
+    bound = plan.decode(layer, nsplit, pending is not None)
+    bound(
+        (nsplit, bsz * plan.heads), query, *query.stride(), nsplit, out, pad if pad is not None else hmap,
+        n_comp, *tail, *new, n_comp * bs + t_seg - sq, device_index=dev if on_gpu else None,
+    )
+    if plan.resident is None and bound.kernel is not None:
+        plan.resident = resident_per_sm(bound.kernel, dev)
+    layer.pending = None  # written (a failed launch above leaves them pending: write_pending still has them)
+    layer.kernel_cache["writes_pending"] = True  # the next decode step of this layer may leave its tokens pending
     return out

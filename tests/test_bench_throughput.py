@@ -5,6 +5,7 @@ import argparse
 import json
 
 import pytest
+import torch
 from hf_turbo.eval import bench_throughput as bt
 
 
@@ -43,6 +44,23 @@ def test_batch1_latency_rounds(tmp_path, one_thread):
     t4 = rows["turbo4"]
     assert t4["tpot_ms_min"] <= t4["tpot_ms_median"] <= t4["tpot_ms_max"]
     assert t4["ratio_vs_sdpa"] == t4["tpot_ms_median"] / rows["sdpa"]["tpot_ms_median"]
+    # inter-token latency: each run's median gap between its 3 steps (2 gaps), then the median over runs
+    itl = rec["itl_samples"]["96/turbo4"]
+    assert len(itl) == 3 and all(x > 0 for x in itl) and t4["itl_ms_median"] == sorted(itl)[1]
+    sdpa_itl = rec["itl_samples"]["96/sdpa"]
+    assert t4["itl_ratio_paired_median"] == sorted(x / y for x, y in zip(itl, sdpa_itl))[1]
+
+
+def test_step_clock_notes_every_step(one_thread):
+    """The clock is called once per generated token and never stops generation."""
+    from transformers import StoppingCriteriaList
+
+    model = bt.build_model("tiny", torch.device("cpu"), torch.float32)
+    clock = bt.StepClock()
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                         stopping_criteria=StoppingCriteriaList([clock]))
+    assert out.shape[1] == 9 and len(clock.times) == 4 and len(clock.gaps_ms()) == 3
 
 
 def test_unknown_method_is_refused(tmp_path):

@@ -154,6 +154,34 @@ def test_decode_fp16_rebuild_is_the_integer_rebuild(d, frac, k_axis, v_axis):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+@pytest.mark.parametrize("k_smooth,frac,sq,read_first", [(True, 0.5, 1, False), (False, 0.0, 3, False),
+                                                          (True, 0.0, 1, True)])
+def test_decode_writes_the_pending_tokens(k_smooth, frac, sq, read_first):
+    """A decode step's tokens left pending by the update (after a first decode showed the kernels write them) are
+    written by the decode kernel, or by any other reader first: the buffer and the output equal a twin layer's
+    whose update wrote them, bit for bit (K smoothing's mu subtracted the same way)."""
+    from hf_turbo.kernels import attend_layer
+
+    cfg = TurboConfig(int2_fraction=frac, k_smooth=k_smooth)
+    b, hkv, hq, d = 2, 2, 4, 64
+    layer, twin = TurboLayer(cfg), TurboLayer(cfg)
+    for step, n in enumerate((130, sq, sq, sq)):
+        k = torch.randn(b, hkv, n, d, device=DEV).half()
+        v = torch.randn(b, hkv, n, d, device=DEV).half()
+        layer.update(k, v, turbo_reader=True)
+        twin.update(k, v)
+        assert (layer.pending is not None) == (step >= 2), step  # from the second decode step on
+        if step == 0:
+            continue
+        if read_first and step == 3:  # another reader writes them first
+            assert torch.equal(layer.buffer_k, twin.buffer_k) and layer.pending is None
+        q = torch.randn(b, hq, sq, d, device=DEV).half()
+        out = attend_layer(q, layer, sm_scale=d**-0.5, causal=True, split=2)
+        assert torch.equal(out, attend_layer(q, twin, sm_scale=d**-0.5, causal=True, split=2))
+        assert layer.pending is None
+        assert torch.equal(layer.buffer_k, twin.buffer_k) and torch.equal(layer.buffer_v, twin.buffer_v)
+
+
 def test_decode_plan_leaves_the_layer_free():
     """The decode launch plan kept on a layer (pools, split scratch) holds no reference back to it: a dropped cache
     is freed at once, not when Python's cycle collector next runs (GPU memory would pile up until then)."""
