@@ -34,17 +34,18 @@ _DIRECT_RUN = tuple(int(x) for x in triton.__version__.split(".")[:2]) == (3, 6)
 
 
 @functools.cache
-def _driver():
+def _driver_calls():
+    """``(get_current_device, get_current_stream)`` of Triton's active driver, looked up once (``driver.active`` is
+    a lazy proxy: each attribute read through it costs host time on every launch)."""
     from triton.runtime import driver
 
-    return driver.active
+    drv = driver.active
+    return drv.get_current_device, drv.get_current_stream
 
 
 def _current_stream(device_index=None):
-    drv = _driver()
-    if device_index is None:
-        device_index = drv.get_current_device()
-    return drv.get_current_stream(device_index)
+    current_device, current_stream = _driver_calls()
+    return current_stream(current_device() if device_index is None else device_index)
 
 
 def _arg_spec(a, specialized: bool):
@@ -69,15 +70,29 @@ def runtime_arg_names(fn) -> list[str]:
     return [n for n, p in sig.parameters.items() if "constexpr" not in str(p.annotation)]
 
 
+_RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)
+
+
 def _hooks_active() -> bool:
     """True when a launch hook is registered (a profiler): then launches go through Triton's own runner."""
-    rt = getattr(triton, "knobs", None)
-    rt = getattr(rt, "runtime", None)
+    rt = _RUNTIME_KNOBS
     for name in ("launch_enter_hook", "launch_exit_hook"):
         h = getattr(rt, name, None)
         if h is not None and (not hasattr(h, "calls") or h.calls):
             return True
     return False
+
+
+def _launch_entry(kernel):
+    """``(launch, leading_args)``: the C entry point of a compiled kernel's launcher and the arguments it takes
+    before the kernel's own (cooperative-grid and PDL flags, no scratch buffers, the packed metadata, no launch
+    metadata or hooks), when the launch needs no scratch memory (Triton 3.6's ``CudaLauncher``, whose Python
+    ``__call__`` would only allocate scratch before calling it); None otherwise."""
+    run = getattr(kernel, "run", None)
+    launch = getattr(run, "launch", None)
+    if launch is None or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
+        return None
+    return launch, (run.launch_cooperative_grid, run.launch_pdl, None, None, kernel.packed_metadata, None, None, None)
 
 
 class CachedLauncher:
@@ -157,18 +172,31 @@ class BoundLaunch:
         self.var_specialized = [launcher.specialized[i] for i in self.varying] if launcher.ok else []
         self.constexprs = launcher.constexprs_of(kwargs) if launcher.ok else ()
         self.kernel = None
+        self.entry = None
         self.var_spec = None
         self.addresses: list = []  # the template with each tensor replaced by its address (the template keeps them alive)
 
     def __call__(self, grid, *values, device_index=None):
-        if self.kernel is not None and self._matches(values):
-            args = self.addresses.copy()
-            for i, v in zip(self.varying, values):
-                args[i] = v
-            for i, t in zip(self.tensor_slots, self._tensors(values)):
-                args[i] = t.data_ptr()  # addresses as ints (see the module docstring)
-            _run_compiled(self.kernel, tuple(grid) + (1,) * (3 - len(grid)), args, self.constexprs, device_index)
-            return
+        if self.kernel is not None:
+            tensors = self._tensors(values)
+            try:
+                addresses = [t.data_ptr() for t in tensors]  # passed as ints (see the module docstring)
+            except AttributeError:  # a varying value that was a tensor is not one now: the keyed launch decides
+                addresses = None
+            if addresses is not None and self._matches(values, tensors, addresses):
+                args = self.addresses.copy()
+                for i, v in zip(self.varying, values):
+                    args[i] = v
+                for i, a in zip(self.tensor_slots, addresses):
+                    args[i] = a
+                grid3 = tuple(grid) + (1,) * (3 - len(grid))
+                if self.entry is not None and not _hooks_active():
+                    launch, leading = self.entry
+                    launch(*grid3, _current_stream(device_index), self.kernel.function, *leading, *args,
+                           *self.constexprs)
+                else:
+                    _run_compiled(self.kernel, grid3, args, self.constexprs, device_index)
+                return
         args = self.template.copy()
         for i, v in zip(self.varying, values):
             args[i] = v
@@ -180,6 +208,7 @@ class BoundLaunch:
         """Keep ``kernel`` for ``values``' specialization: which varying values are tensors, specialized ints (kept
         as they are: they decide the specialization) and other ints (only their 32/64-bit range matters)."""
         self.kernel = kernel
+        self.entry = _launch_entry(kernel) if _DIRECT_RUN else None
         self.addresses = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self.template]
         kinds = ["t" if isinstance(v, torch.Tensor) else "s" if sp else "u"
                  for v, sp in zip(values, self.var_specialized)]
@@ -188,18 +217,20 @@ class BoundLaunch:
         self._tensors = _picker(pos["t"])
         self._spec_ints = _picker(pos["s"])
         self._free_ints = _picker(pos["u"])
-        self.var_spec = (tuple((t.dtype, t.data_ptr() & 15 == 0) for t in self._tensors(values)),
+        tensors = self._tensors(values)
+        self.var_spec = ([t.dtype for t in tensors], [t.data_ptr() & 15 == 0 for t in tensors],
                          self._spec_ints(values))
 
-    def _matches(self, values) -> bool:
-        """True when ``values`` have the specialization of the kept kernel: the same tensor dtypes and 16-byte
-        alignment, the same specialized ints (equal values: strides rarely change) and 32-bit other ints; else the
-        keyed launch decides (and a differing specialized int may well map to the same kernel there)."""
-        tensors, spec_ints = self._tensors(values), self._spec_ints(values)
-        if spec_ints != self.var_spec[1]:
+    def _matches(self, values, tensors, addresses) -> bool:
+        """True when ``values`` (whose tensors and their addresses are given) have the specialization of the kept
+        kernel: the same tensor dtypes and 16-byte alignment, the same specialized ints (equal values: strides rarely
+        change) and 32-bit other ints; else the keyed launch decides (and a differing specialized int may well map
+        to the same kernel there)."""
+        dtypes, aligned, spec_ints = self.var_spec
+        if self._spec_ints(values) != spec_ints or [a & 15 == 0 for a in addresses] != aligned:
             return False
         try:
-            if tuple((t.dtype, t.data_ptr() & 15 == 0) for t in tensors) != self.var_spec[0]:
+            if [t.dtype for t in tensors] != dtypes:
                 return False
         except AttributeError:  # a varying value that was a tensor is not one now
             return False

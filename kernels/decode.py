@@ -402,6 +402,7 @@ class _DecodePlan:
         self.shape, self.device = (bsz, hq, sq, d), query.device  # no reference to the layer: it holds the plan
         self.launches = {}
         self.resident = None  # programs per SM of the compiled kernel, known after its first launch (choose_split)
+        self.splits = {}  # (context tiles, split rule) -> splits, once the kernel's residency is known
         self.scratch_splits = 0
         self.scratch = None
 
@@ -511,7 +512,11 @@ def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=Non
     total_tiles = n_comp * plan.tiles_per_block + (t_seg + bs - 1) // bs
     dev = query.get_device()  # -1 on CPU (interpreter)
     on_gpu = dev >= 0
-    nsplit = split or choose_split(bsz, plan.heads, total_tiles, on_gpu, split_mult, max_split, plan.resident, dev)
+    nsplit = split or plan.splits.get((total_tiles, split_mult, max_split))
+    if nsplit is None:  # chosen once per context length (and rule) for this plan
+        nsplit = choose_split(bsz, plan.heads, total_tiles, on_gpu, split_mult, max_split, plan.resident, dev)
+        if plan.resident is not None or not on_gpu:
+            plan.splits[(total_tiles, split_mult, max_split)] = nsplit
     out = query.new_empty((bsz, sq, hq, d)).transpose(1, 2)
     pending = layer.pending  # this step's tokens, not yet in the buffer: the launches write them (their tail rows)
     if pending is not None:

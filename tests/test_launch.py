@@ -27,10 +27,33 @@ class FakeCompiled:
         self.log.append(("compiled", (gx, gy, gz), args, stream))
 
 
+class FakeLauncher:
+    """Triton 3.6's CudaLauncher as the bound launch uses it: scratch sizes, launch flags and the C entry point."""
+
+    global_scratch_size = profile_scratch_size = 0
+    launch_cooperative_grid = launch_pdl = False
+
+    def __init__(self, log):
+        self.log = log
+
+    def launch(self, gx, gy, gz, stream, function, coop, pdl, scratch, profile_scratch, meta, launch_metadata,
+               enter_hook, exit_hook, *args):
+        assert (function, coop, pdl, scratch, profile_scratch) == ("fn", False, False, None, None)
+        assert (meta, launch_metadata, enter_hook, exit_hook) == ("meta", None, None, None)
+        self.log.append(("entry", (gx, gy, gz), args, stream))
+
+
+class FakeCompiledEntry(FakeCompiled):
+    def __init__(self, log):
+        super().__init__(log)
+        self.run = FakeLauncher(log)
+
+
 class FakeJit:
     """Parameters: x (tensor), n (specialized int), m (not specialized int), BLOCK (constexpr, default 16)."""
 
-    def __init__(self):
+    def __init__(self, compiled=FakeCompiled):
+        self.compiled = compiled
         p = lambda name, c=False, nospec=False, default=None: SimpleNamespace(  # noqa: E731
             name=name, is_constexpr=c, do_not_specialize=nospec, default=default)
         self.params = [p("x"), p("n"), p("m", nospec=True), p("BLOCK", c=True, default=16)]
@@ -40,7 +63,7 @@ class FakeJit:
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             self.log.append(("jit", grid, args, kwargs))
-            return FakeCompiled(self.log)
+            return self.compiled(self.log)
 
         return run
 
@@ -85,21 +108,22 @@ def test_interpreted_or_unknown_kernels_use_the_normal_launch():
     assert calls == [(2,), (2,)]
 
 
-@pytest.mark.parametrize("direct", [False, True])
-def test_bound_launch_checks_only_the_varying_arguments(direct, monkeypatch):
+@pytest.mark.parametrize("direct,entry", [(False, False), (True, False), (True, True)])
+def test_bound_launch_checks_only_the_varying_arguments(direct, entry, monkeypatch):
     """BoundLaunch: fixed arguments bound once; each call supplies the varying ones, launched through the compiled
-    kernel (tensors passed as their addresses) while their specialization matches the first call's, and through the
-    keyed launch when it does not."""
+    kernel (tensors passed as their addresses; with ``entry``, straight into the launcher's C entry point) while
+    their specialization matches the first call's, and through the keyed launch when it does not."""
     monkeypatch.setattr(_launch, "_DIRECT_RUN", direct)
     monkeypatch.setattr(_launch, "_current_stream", lambda device_index=None: 7)
-    fn = FakeJit()
+    fn = FakeJit(FakeCompiledEntry if entry else FakeCompiled)
+    done = "entry" if entry else "compiled"
     launcher = CachedLauncher(fn)
     x, y = torch.zeros(64), torch.zeros(32)
     bound = launcher.bind({"n": 32}, {"BLOCK": 32, "num_warps": 4}, varying=("x", "m"))
     bound((4,), x, 5)  # first call: compiles (keyed launch)
     assert fn.log[-1] == ("jit", (4,), (x, 32, 5), {"BLOCK": 32, "num_warps": 4})
     bound((6, 2), y, 9)  # same specialization (aligned float tensor, unspecialized int): the compiled kernel
-    assert fn.log[-1][:3] == ("compiled", (6, 2, 1), (y.data_ptr(), 32, 9, 32))
+    assert fn.log[-1][:3] == (done, (6, 2, 1), (y.data_ptr(), 32, 9, 32))
     n = len(fn.log)
     bound((6,), x[1:], 9)  # misaligned: back to the keyed launch, which compiles that specialization
     assert fn.log[n][0] == "jit" and fn.log[n][2][0].data_ptr() == x[1:].data_ptr()
@@ -107,7 +131,10 @@ def test_bound_launch_checks_only_the_varying_arguments(direct, monkeypatch):
     bound((6,), xd, 9)  # another dtype: keyed launch again
     assert fn.log[-1][0] == "jit"
     bound((6,), xd, 10)  # the bound launch follows the last specialization it saw: compiled again
-    assert fn.log[-1][:3] == ("compiled", (6, 1, 1), (xd.data_ptr(), 32, 10, 32))
+    assert fn.log[-1][:3] == (done, (6, 1, 1), (xd.data_ptr(), 32, 10, 32))
+    n = len(fn.log)
+    bound((6,), 5, 10)  # a tensor slot given an int: the keyed launch decides
+    assert fn.log[n][0] == "jit"
 
 
 def test_bound_launch_names_every_parameter():
