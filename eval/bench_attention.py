@@ -304,9 +304,9 @@ def main(argv=None):
             r["label"] = f"B{r['B']} ctx{r['ctx'] // 1024}k"
         write_result("attention_decode", rows, title="Decode, 32 q / 8 kv heads, d=128, one query token",
                      command=cmd,
-                     notes="ours: one decode launch per bit-width pool (Q and the FP16 tail quantized inside it, "
-                           "split contexts merged by the last split); eager calls, so small cases include the host "
-                           "launch cost (decode_tuning.json has CUDA-graph times)")
+                     notes="ours: one decode launch per layer for all its bit-width pools (Q and the FP16 tail "
+                           "quantized inside it, split contexts merged by the last split); eager calls, so small cases "
+                           "include the host launch cost (decode_tuning.json has CUDA-graph times)")
         _plot(rows, "attention_decode", "us", "Decode latency (us), lower is better")
     if "prefill" not in skip:
         rows = prefill_rows(args.quick)

@@ -24,6 +24,22 @@ def _git_sha() -> str | None:
         return None
 
 
+SOURCE_DIRS = ("hf_turbo", "kernels", "calibration", "eval")
+
+
+def source_digest(root: Path = REPO_ROOT) -> str:
+    """SHA-256 (first 12 hex digits) of the project's Python sources (path and content of every ``*.py`` under
+    :data:`SOURCE_DIRS`): names the code a result came from even where ``git`` metadata lags the files (the GPU
+    machine's copy of the working tree carries the files, not necessarily the matching ``.git``)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for d in SOURCE_DIRS:
+        for f in sorted((root / d).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def environment() -> dict[str, Any]:
     """Device and versions for a results file."""
     import torch
@@ -38,6 +54,7 @@ def environment() -> dict[str, Any]:
 
     versions["hf_turbo"] = hf_turbo.__version__
     versions["git"] = _git_sha()
+    versions["source"] = source_digest()
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
     else:
