@@ -165,6 +165,8 @@ class StepClock:
 
 @torch.inference_mode()
 def _run_once(model, method, batch, prompt, new, device, chunk):
+    from transformers import StoppingCriteriaList
+
     from hf_turbo.generate import cache_bytes, cache_kwarg
 
     model.set_attn_implementation("turbo" if method.startswith("turbo") else "sdpa")
@@ -186,8 +188,6 @@ def _run_once(model, method, batch, prompt, new, device, chunk):
     else:  # QuantizedCache cannot crop: prefill again
         cache = make_cache(method, model)
         prefill(model, ids, cache, chunk)
-    from transformers import StoppingCriteriaList
-
     clock = StepClock()
     _sync(device)
     t0 = time.perf_counter()

@@ -414,8 +414,9 @@ def evaluate(
         }
         if s.kind in ("turbo_cache", "turbo_cache_sdpa"):
             cfg = s.turbo_config(priorities)
-            h = model.config.get_text_config(decoder=True).num_key_value_heads
-            layers = model.config.get_text_config(decoder=True).num_hidden_layers
+            from hf_turbo.cache import kv_heads, text_config
+
+            h, layers = kv_heads(model.config), text_config(model.config).num_hidden_layers
             if cfg.bits == cfg.low_bits:
                 per_layer = [h] * layers
             elif cfg.int2_scope == "model" and cfg.priorities is not None:

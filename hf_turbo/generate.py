@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from .cache import TurboQuantCache, head_dim, kv_heads
+from .cache import TurboQuantCache, head_dim, kv_heads, text_config
 
 METHODS = ("turbo", "sdpa")
 
@@ -64,7 +64,7 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
 
 def fp16_kv_bytes(model, tokens: int, batch: int = 1) -> int:
     """Bytes an FP16 KV cache holds for ``batch`` sequences of ``tokens`` tokens of ``model``."""
-    cfg = model.config.get_text_config(decoder=True)
+    cfg = text_config(model.config)
     return 2 * cfg.num_hidden_layers * batch * kv_heads(cfg) * tokens * head_dim(cfg) * 2
 
 

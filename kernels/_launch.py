@@ -227,12 +227,8 @@ class BoundLaunch:
         change) and 32-bit other ints; else the keyed launch decides (and a differing specialized int may well map
         to the same kernel there)."""
         dtypes, aligned, spec_ints = self.var_spec
-        if self._spec_ints(values) != spec_ints or [a & 15 == 0 for a in addresses] != aligned:
-            return False
-        try:
-            if [t.dtype for t in tensors] != dtypes:
-                return False
-        except AttributeError:  # a varying value that was a tensor is not one now
+        if (self._spec_ints(values) != spec_ints or [a & 15 == 0 for a in addresses] != aligned
+                or [t.dtype for t in tensors] != dtypes):
             return False
         free = self._free_ints(values)
         return not free or (min(free) >= -(2**31) and max(free) < 2**31)

@@ -442,17 +442,19 @@ class _DecodePlan:
 
     def _bind(self, layer, direct, write_new):
         bsz, hq, sq, d = self.shape
-        (bits, hmap), *low = self.maps.items()
+        pools = list(self.maps.items())
+        two = len(pools) == 2
+        pools += pools[:1] * (2 - len(pools))  # one pool: it also stands in for the (unused) second
+        (bits, hmap), (lo_bits, _) = pools
         sob, soh, sos, sod = self.out_strides
         fixed = dict(q_mult=self.q_mult, Hq=hq, sob=sob, soh=soh, sos=sos, sod=sod, NB=bsz, Sq=sq, D=d,
                      window=self.window)
-        kwargs = dict(self.kwargs, BITS=bits, LO_BITS=low[0][0] if low else 0, DIRECT=direct, WRITE_NEW=write_new)
+        kwargs = dict(self.kwargs, BITS=bits, LO_BITS=lo_bits if two else 0, DIRECT=direct, WRITE_NEW=write_new)
         fixed.update(zip(("mu_ptr", "smb", "smh", "smd"), self.mean if self.mean is not None else (hmap, 0, 0, 0)))
         fields = ("k_codes", "k_scale", "k_s2", "k_zero", "v_codes", "v_scale", "v_s2", "v_zero")
-        for prefix, (b, idx) in zip(("", "lo_"), self.maps.items() if low else [(bits, hmap), (bits, hmap)]):
-            names = [prefix + n for n in ("kc_ptr", "ks_ptr", "ks2_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vs2_ptr",
-                                           "vz_ptr")]
-            hb, cap = ("HB", "CAP") if not prefix else ("HB_LO", "CAP_LO")
+        pointers = ("kc_ptr", "ks_ptr", "ks2_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vs2_ptr", "vz_ptr")
+        for prefix, (hb, cap), (b, idx) in zip(("", "lo_"), (("HB", "CAP"), ("HB_LO", "CAP_LO")), pools):
+            names = [prefix + n for n in pointers]
             fixed.update({prefix + "hmap_ptr": idx, hb: idx.numel()})
             if b == 8:  # the FP16 rebuilds are checked on the GPU for 2- and 4-bit pools only (tests/gpu)
                 kwargs["REBUILD"] = 0
