@@ -7,7 +7,8 @@ measured in the same run, and the accuracy of each configuration against exact F
 
 Writes eval/results/attention_{ceilings,prefill,decode,accuracy}.json (+ attention_prefill.png, attention_decode.png).
 Timings: ``triton.testing.do_bench(return_mode="median")`` (CUDA events), after the kernels were checked against the
-reference (tests/gpu). Our prefill time **includes** quantizing K and V (stage-1 kernel) and Q (inside the kernel).
+reference (tests/gpu). Our prefill time **includes** quantizing K (stage-1 kernel, after K smoothing's mean where
+the configuration smooths) and V where it is read as INT8, and Q (inside the kernel).
 TFLOPS-eq = 4 B H S^2 d (/2 causal) / time. Decode bytes = bytes the kernel must read (codes, scales, zero points,
 FP16 tail, Q) vs the FP16 K/V cache for SDPA. Inputs larger than L2 (prefill tensors are >= 268 MB; small decode
 caches are rotated among copies so that every timed call reads from HBM).
@@ -27,10 +28,14 @@ from hf_turbo.eval.results import write_result
 
 from hf_turbo.config import TurboConfig
 
+_PAPER = {k: v for k, v in TurboConfig.preset("paper").to_dict().items() if k != "priorities"}
 PREFILL_VARIANTS = {
-    "turbo paper (SAS-e, INT8 PV)": dict(exp="sas", sas_base="e", pv="int8"),
+    # the "paper" preset exactly (SAS base e, INT8 P.V, Q in 64-row blocks, no K smoothing, INT8 tail values)
+    "turbo paper (SAS-e, INT8 PV)": _PAPER,
     "turbo SAS-2, FP16 PV": dict(exp="sas", sas_base="2", pv="fp16"),
-    "turbo exp2, FP16 PV": dict(exp="exp2", pv="fp16"),
+    "turbo exp2, FP16 PV": dict(),  # the default: exp2, FP16 P.V on the FP16 values, K smoothing
+    "turbo exp2, FP16 PV, INT8 V": dict(tail_v="int8"),  # values through stage-1 INT8 (one more pass)
+    "turbo exp2, FP16 PV, INT8 V, no smoothing": dict(tail_v="int8", k_smooth=False),
     "turbo exp2, INT8 PV": dict(exp="exp2", pv="int8"),
 }
 # launch variants of the fastest configuration (tile / warps), timed like the others

@@ -25,7 +25,7 @@ compressed state; for any other attention they are the real K/V of the step (:me
 compressed before the step, dequantized, then the FP16 tail), so SDPA or eager stay correct and see what "turbo" sees.
 
 K smoothing (``TurboConfig.k_smooth``): the layer keeps ``k_mean`` (mu, ``[B, H, 1, D]``, the channel mean of the first
-keys it was given) and stores ``k - mu`` everywhere (pools, buffer, this step's tail), which the turbo attention reads
+keys it was given, :func:`~hf_turbo.quant.attention.key_mean`) and stores ``k - mu`` everywhere (pools, buffer, this step's tail), which the turbo attention reads
 as is: exact, since q.(k - mu) = q.k - q.mu is a constant per query row. mu is added back in :meth:`TurboLayer.step_kv`
 and :meth:`TurboLayer.dequantized`, so other readers and tools see the original keys.
 """
@@ -41,7 +41,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from . import ops
 from .config import TurboConfig
-from .quant.attention import KVSegment
+from .quant.attention import KVSegment, int8_segments, key_mean
 from .quant.bpq import (
     dequantize_int8,
     pack_bits,
@@ -235,10 +235,11 @@ class TurboLayer(DynamicLayer):
             self.buffer_k = key_states[:, :, :0].clone()
             self.buffer_v = value_states[:, :, :0].clone()
             if self.turbo.k_smooth:
-                # mu = mean over the first update's tokens (left padding included). Any fixed mu keeps attention
-                # exact (a constant shift of each query row's scores); its value only decides how well the shifted
-                # keys quantize, and a few padding rows barely move a channel's constant offset.
-                self.k_mean = key_states.float().mean(dim=-2, keepdim=True).to(key_states.dtype)
+                # mu = mean over the first update's tokens (left padding included; a sample of 256-511 evenly spaced
+                # ones for long prompts, quant.attention.key_mean). Any fixed mu keeps attention exact (a constant
+                # shift of each query row's scores); its value only decides how well the shifted keys quantize, and a
+                # few padding rows barely move a channel's constant offset.
+                self.k_mean = key_mean(key_states)
 
     def _choose_head_bits(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Bit-width per local KV head: calibrated priorities if given, else gap x std of this prefill (online).
@@ -485,7 +486,7 @@ class TurboLayer(DynamicLayer):
     def attention_segments(self) -> list[KVSegment]:
         """Keys/values for the attention of the current step (reference path, see quant/attention.py):
         compressed blocks that existed before this step, rebuilt to INT8, then the FP16 tail (old buffer + new
-        tokens), quantized per block on the fly (``buffer_attention="int8"``) or read as FP16."""
+        tokens), quantized per block on the fly (``buffer_attention="int8"``; values per ``tail_v``) or read as FP16."""
         self.write_pending()
         bs = self.turbo.block_size
         segments = []
@@ -497,11 +498,7 @@ class TurboLayer(DynamicLayer):
         start = self.blocks_before * bs
         if self._tail_k is not None and self._tail_k.shape[-2]:
             if self.turbo.buffer_attention == "int8":
-                k8, ks = quantize_int8_blocks(self._tail_k, bs)
-                v8, vs = quantize_int8_blocks(self._tail_v, bs)
-                t = self._tail_k.shape[-2]
-                per_tok = lambda s: s.repeat_interleave(bs, dim=-1)[..., :t]  # noqa: E731
-                segments.append(KVSegment(k8, v8, per_tok(ks), per_tok(vs), start))
+                segments += int8_segments(self._tail_k, self._tail_v, start, bs, tail_v=self.turbo.tail_v_precision)
             else:
                 segments.append(KVSegment(self._tail_k, self._tail_v, None, None, start))
         return segments

@@ -16,6 +16,7 @@ VALID_PV = ("int8", "fp16", "fp8")
 VALID_EXP = ("sas", "exp2")
 VALID_SAS_BASE = ("e", "2")
 VALID_BUFFER_ATTENTION = ("int8", "fp16")
+VALID_TAIL_V = ("auto", "int8", "fp16")
 VALID_INT2_SCOPE = ("layer", "model")
 VALID_INT2_NORMALIZE = ("none", "layer_mean")
 
@@ -61,6 +62,12 @@ class TurboConfig:
         pv: precision of the P @ V product: "int8" (P*127, the paper), "fp16" (the default: faster and more accurate
             on the H100) or "fp8" (reference only for now).
         buffer_attention: how attention reads the FP16 buffer and new tokens: "int8" (stage-1 on the fly) or "fp16".
+        tail_v: with ``buffer_attention="int8"``, how the P.V product reads the values of those tokens (the FP16
+            tail; without a cache, every value): "int8" (their stage-1 INT8 codes times the block scale, the paper's
+            BPQ stage 1), "fp16" (the values as stored, rounded to FP16, like SageAttention's FP16 V: no V
+            quantization pass and one rounding less) or "auto" (the default: "fp16" when ``pv="fp16"``, else
+            "int8"). "fp16" needs ``pv="fp16"``: INT8 and FP8 P.V products multiply INT8 codes. Keys are always
+            stage-1 INT8. :attr:`tail_v_precision` is the resolved choice.
         k_smooth: K smoothing (as in SageAttention): the cache subtracts a per-(sequence, KV head) channel mean mu of
             the first keys it sees from every key before quantizing, so a channel with a large constant offset no
             longer sets the INT8 block scale of all the others. Exact for softmax attention (q.(k - mu) = q.k - q.mu,
@@ -90,6 +97,7 @@ class TurboConfig:
     n_r: float = 6.0
     pv: str = "fp16"
     buffer_attention: str = "int8"
+    tail_v: str = "auto"
     k_smooth: bool = True
     block_m: int = 16
     block_n: int = 64
@@ -110,6 +118,12 @@ class TurboConfig:
         _check_choice("sas_base", self.sas_base, VALID_SAS_BASE)
         _check_choice("pv", self.pv, VALID_PV)
         _check_choice("buffer_attention", self.buffer_attention, VALID_BUFFER_ATTENTION)
+        _check_choice("tail_v", self.tail_v, VALID_TAIL_V)
+        if self.tail_v == "fp16" and self.pv != "fp16":
+            raise ValueError(
+                f"TurboConfig.tail_v='fp16' needs pv='fp16' (pv={self.pv!r} multiplies INT8 value codes); "
+                "use tail_v='int8' or 'auto'"
+            )
         _check_choice("priority_source", self.priority_source, ("k", "kv"))
         _check_choice("int2_scope", self.int2_scope, VALID_INT2_SCOPE)
         _check_choice("int2_normalize", self.int2_normalize, VALID_INT2_NORMALIZE)
@@ -135,6 +149,13 @@ class TurboConfig:
         if not float(self.n_r) > 0:
             raise ValueError(f"TurboConfig.n_r must be > 0, got {self.n_r!r}")
         return self
+
+    @property
+    def tail_v_precision(self) -> str:
+        """"int8" or "fp16": how the P.V product reads the tail's values (``tail_v`` with "auto" resolved)."""
+        if self.tail_v == "auto":
+            return "fp16" if self.pv == "fp16" else "int8"
+        return self.tail_v
 
     def num_low_heads(self, num_kv_heads: int, num_layers: int = 1) -> int:
         """How many KV heads go to ``low_bits``: per layer (``int2_scope="layer"``; ``num_layers`` is ignored) or in

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from .quant.attention import KVSegment, int8_segments, turbo_attention_reference
+from .quant.attention import KVSegment, no_cache_segments, turbo_attention_reference
 
 _warned: set[str] = set()
 _backends: dict = {}  # (device, TRITON_INTERPRET) -> kernels module or None
@@ -140,12 +140,8 @@ def attend_no_cache(query, key, value, turbo, *, sm_scale, causal, key_mask, sli
             query, key, value, turbo, sm_scale=sm_scale, causal=causal, pad=left_padding(key_mask),
             sliding_window=sliding_window,
         )
-    if turbo.buffer_attention == "fp16":
-        segments = [KVSegment(key, value, None, None, 0)]
-    else:
-        segments = int8_segments(key, value, 0, turbo.block_size)
     return turbo_attention_reference(
-        query, segments, sm_scale=sm_scale, causal=causal, key_mask=key_mask, sliding_window=sliding_window,
+        query, no_cache_segments(key, value, turbo), sm_scale=sm_scale, causal=causal, key_mask=key_mask, sliding_window=sliding_window,
         exp=turbo.exp, n_r=turbo.n_r, sas_base=turbo.sas_base, pv=turbo.pv, block_m=turbo.block_m,
         block_n=turbo.block_n,
     )

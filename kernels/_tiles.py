@@ -243,8 +243,8 @@ def online_update(acc, m_i, l_i, s, c, vis, v, v_scale,
             l_add = tl.sum(p8, axis=1) / 127.0
             o = tl.dot(p8.to(tl.int8), v, out_dtype=tl.int32).to(tl.float32) * (v_scale / 127.0)
         elif PV_MODE == 1:
+            l_add = tl.sum(p, axis=1)  # on the FP32 p, before its FP16 rounding: no conversion back
             ph = p.to(tl.float16)
-            l_add = tl.sum(ph.to(tl.float32), axis=1)
             o = tl.dot(ph, v, out_dtype=tl.float32)
             if FOLD_V:
                 o = o * v_scale

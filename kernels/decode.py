@@ -132,6 +132,7 @@ def _decode_kernel(
     L5: tl.constexpr, L6: tl.constexpr, L7: tl.constexpr, L8: tl.constexpr,
     SKIP_EMPTY: tl.constexpr, PREFETCH: tl.constexpr, FOLD_V: tl.constexpr, REBUILD: tl.constexpr,
     ASM: tl.constexpr, DIRECT: tl.constexpr, WRITE_NEW: tl.constexpr, SUB_MEAN: tl.constexpr,
+    TAIL_V16: tl.constexpr,
 ):
     sp = tl.program_id(0)
     pid = tl.program_id(1)
@@ -201,7 +202,8 @@ def _decode_kernel(
                 PREFETCH, FOLD_V, REBUILD, ASM)
     if HAS_SEG:
         # the FP16 tail (old buffer + this step's tokens), stage 1 per block in registers (buffer_attention="int8"):
-        # the same codes and scales quantize_pack.stage1 would write, without its launch and round trip
+        # the same codes and scales quantize_pack.stage1 would write, without its launch and round trip; with
+        # TAIL_V16 (tail_v="fp16", FP16 PV) the values are multiplied as stored, in FP16
         offs_b = tl.arange(0, BS)
         for tb in range(tl.maximum(t_begin, n_ct) - n_ct, t_end - n_ct):
             t = tb * BS + offs_b
@@ -222,10 +224,14 @@ def _decode_kernel(
                 vis = vis & (qpos[:, None] - kpos[None, :] < window)
             vf = _tail_rows(tv_ptr, stvb, stvh, stvt, stvd, nv_ptr, snvb, snvh, snvt, snvd, mu_ptr, smb, smh, smd,
                             b, h, t, d, dm, msk, T_old, WRITE_NEW, False)
-            v_amax = tl.max(tl.max(tl.abs(vf), axis=1), axis=0)
-            v_amax = tl.where(v_amax > 0, v_amax, 1.0)
-            vsc = stage1_scale(v_amax)
-            v = prep_v(stage1_codes(vf, stage1_inv(v_amax)), vsc, PV_MODE, FOLD_V)
+            if TAIL_V16:
+                vsc = 1.0  # FOLD_V multiplies the FP32 partial by it: exact
+                v = vf.to(tl.float16)
+            else:
+                v_amax = tl.max(tl.max(tl.abs(vf), axis=1), axis=0)
+                v_amax = tl.where(v_amax > 0, v_amax, 1.0)
+                vsc = stage1_scale(v_amax)
+                v = prep_v(stage1_codes(vf, stage1_inv(v_amax)), vsc, PV_MODE, FOLD_V)
             acc, m_i, l_i = online_update(acc, m_i, l_i, s, c, vis, v, vsc,
                                           EXP_MODE, PV_MODE, N_R, Y_R, L1, L2, L3, L4, L5, L6, L7, L8, SKIP_EMPTY,
                                           FOLD_V=FOLD_V)
@@ -393,7 +399,7 @@ class _DecodePlan:
             HAS_WINDOW=sliding_window is not None, PV_MODE=PV_MODES[turbo.pv], SKIP_EMPTY=turbo.exp == "sas",
             **exp_c, PREFETCH=bool(prefetch), FOLD_V=bool(fold_v) and turbo.pv == "fp16",
             REBUILD=REBUILDS[rebuild] if fold_v and turbo.pv == "fp16" else 0,
-            SUB_MEAN=layer.k_mean is not None,
+            SUB_MEAN=layer.k_mean is not None, TAIL_V16=turbo.pv == "fp16" and turbo.tail_v_precision == "fp16",
             ASM=query.device.type == "cuda",  # packed PTX when compiled; plain Triton in the interpreter
             num_warps=num_warps or default_warps(bsz, self.heads), num_stages=num_stages,
         )

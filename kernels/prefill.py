@@ -10,7 +10,8 @@ position order in tiles of ``BLOCK_N`` (= ``TurboConfig.block_n``) from each seg
 1. compressed blocks ``[0, n_comp)`` of one bit-width pool (INT4/INT2/INT8 codes + integer ``s2``/``zero``),
    unpacked and rebuilt to INT8 in registers (``HAS_COMP``);
 2. an INT8 segment (stage-1 codes + per-block scales from :func:`quantize_pack.stage1`: new tokens or the FP16 tail),
-   starting at absolute position ``seg_start``; for FP16 PV its V comes dequantized to FP16 by the same stage-1 pass.
+   starting at absolute position ``seg_start``; for FP16 PV its V comes as FP16 values (``tail_v="fp16"``: the
+   tail's own, no V pass) or dequantized to FP16 by the same stage-1 pass (``tail_v="int8"``).
 
 QK^T is ``tl.dot(int8, int8, out_dtype=int32)``; online softmax with SAS (base e or 2, plain Triton arithmetic) or
 exp2; PV in INT8 (P·127), FP16 or FP8. Masks: bottom-right causal, left padding ``pad[B]``, sliding window, and
@@ -59,8 +60,9 @@ def _prefill_kernel(
     hmap_ptr, pad_ptr,
     # compressed pool (contiguous [B, HB, CAP, BS, D*bits/8] etc.)
     kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, HB, CAP, n_comp,
-    # INT8 segment (contiguous [B, HKV, T, D]; V: [B, HKV, T, D], or [B, HKV, D, T] when V_TRANS)
-    k8_ptr, k8s_ptr, v8_ptr, v8s_ptr, HKV, T_seg, NBLK_seg, seg_start,
+    # INT8 segment (K contiguous [B, HKV, T, D]; V any strides, element (b, h, t, d) at v8_ptr + b*svb + h*svh +
+    # t*svt + d*svd: INT8 codes, [D, T]-major when V_TRANS, or FP16 values for FP16 PV)
+    k8_ptr, k8s_ptr, v8_ptr, svb, svh, svt, svd, v8s_ptr, HKV, T_seg, NBLK_seg, seg_start,
     Sq, q_start, D, qk_scale, window,
     G: tl.constexpr, QB: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
@@ -72,7 +74,8 @@ def _prefill_kernel(
     L5: tl.constexpr, L6: tl.constexpr, L7: tl.constexpr, L8: tl.constexpr,
     SKIP_EMPTY: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # heaviest query blocks first (causal: the last rows see the most keys), so the last wave is made of short ones
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid = tl.program_id(1)
     hq_local = pid % (HB * G)
     b = pid // (HB * G)
@@ -162,6 +165,7 @@ def _prefill_kernel(
         lo = t_lo // BLOCK_N
         hi = (t_hi + BLOCK_N - 1) // BLOCK_N
         base = (b * HKV + h).to(tl.int64) * T_seg * D
+        v_bh = v8_ptr + b.to(tl.int64) * svb + h * svh
         lo_full, mid = _full_tiles(lo, hi, seg_start, T_seg, pad_b, first_q, last_q, window,
                                    BLOCK_N, CAUSAL, HAS_PAD, HAS_WINDOW)
         for phase in tl.static_range(3):
@@ -186,16 +190,16 @@ def _prefill_kernel(
                     vis = vis & (qpos[:, None] - kpos[None, :] < window)
                 vsc = tl.load(v8s_ptr + sblk)
                 if PV_MODE == 1:
-                    # stage 1 delivered fp16(v8 * s_V) directly
-                    v = tl.load(v8_ptr + base + t[:, None] * D + d[None, :], mask=tm[:, None] & dm[None, :],
+                    # FP16 values: stage 1's fp16(v8 * s_V), or the tail's own values (tail_v="fp16")
+                    v = tl.load(v_bh + t[:, None] * svt + d[None, :] * svd, mask=tm[:, None] & dm[None, :],
                                 other=0.0)
                 else:
                     if V_TRANS:
-                        vt = tl.load(v8_ptr + base + d[:, None] * T_seg + t[None, :], mask=dm[:, None] & tm[None, :],
+                        vt = tl.load(v_bh + d[:, None] * svd + t[None, :] * svt, mask=dm[:, None] & tm[None, :],
                                      other=0)
                         v8 = tl.trans(vt)
                     else:
-                        v8 = tl.load(v8_ptr + base + t[:, None] * D + d[None, :], mask=tm[:, None] & dm[None, :],
+                        v8 = tl.load(v_bh + t[:, None] * svt + d[None, :] * svd, mask=tm[:, None] & dm[None, :],
                                      other=0)
                     if PV_MODE == 0:
                         v = v8
@@ -261,10 +265,13 @@ def launch_prefill(q, out, *, turbo, sm_scale, causal, pad, sliding_window, hmap
         bits = 8
     if seg is not None:
         k8, v8 = seg["k8"], seg["v8"]
-        sp = (k8, seg["ks"], v8, seg["vs"], k8.shape[1], k8.shape[2], seg["ks"].shape[2], seg["start"])
         v_trans = bool(seg.get("v_trans", False))
+        sv = v8.stride()
+        sv = (sv[0], sv[1], sv[3], sv[2]) if v_trans else sv  # V^T storage [B, H, D, T]: strides of (b, h, t, d)
+        vs = seg["vs"] if seg["vs"] is not None else seg["ks"]  # FP16 tail values: no scale is read
+        sp = (k8, seg["ks"], v8, *sv, vs, k8.shape[1], k8.shape[2], seg["ks"].shape[2], seg["start"])
     else:
-        sp = (dummy, dummy, dummy, dummy, 1, 0, 1, 0)
+        sp = (dummy, dummy, dummy, 0, 0, 0, 0, dummy, 1, 0, 1, 0)
         v_trans = False
     s_kv = (comp["n"] * turbo.block_size if comp is not None else 0)
     if seg is not None:
@@ -286,16 +293,21 @@ def launch_prefill(q, out, *, turbo, sm_scale, causal, pad, sliding_window, hmap
     return out
 
 
-def quantize_kv_segment(k, v, turbo, *, v_trans: bool | None = None):
-    """Stage-1 INT8 of float ``k, v [B, Hkv, T, D]`` per ``block_size`` block for the INT8 segment (V dequantized to
-    FP16 for FP16 PV; V^T layout for INT8 PV on the GPU, where the MMA wants the reduction dim contiguous)."""
+def quantize_kv_segment(k, v, turbo, *, k_mean=None, v_trans: bool | None = None):
+    """Stage-1 INT8 of float ``k, v [B, Hkv, T, D]`` per ``block_size`` block for the INT8 segment
+    (:func:`hf_turbo.quant.attention.int8_segments`): ``k`` minus ``k_mean`` (``[B, Hkv, 1, D]``, K smoothing) if
+    given. V by ``turbo.tail_v_precision``: "fp16" keeps the values (in FP16, any strides; ``vs`` None); "int8"
+    with FP16 PV dequantizes stage 1 to FP16; INT8 PV gets the codes, as V^T on the GPU (``v_trans`` None), where
+    the MMA wants the reduction dim contiguous."""
     from .quantize_pack import stage1
 
     bs = turbo.block_size
-    k8, ks = stage1(k, bs)
-    if turbo.pv == "fp16":
+    k8, ks = stage1(k, bs, mean=k_mean)
+    vt = False
+    if turbo.pv == "fp16" and turbo.tail_v_precision == "fp16":
+        v8, vs = (v if v.dtype == torch.float16 else v.to(torch.float16)), None
+    elif turbo.pv == "fp16":
         v8, vs = stage1(v, bs, dequant_fp16=True)
-        vt = False
     else:
         vt = bool(k.is_cuda) if v_trans is None else v_trans
         v8, vs = stage1(v, bs, transpose=vt)
@@ -304,11 +316,14 @@ def quantize_kv_segment(k, v, turbo, *, v_trans: bool | None = None):
 
 def prefill(query, key, value, turbo, *, sm_scale, causal, pad=None, sliding_window=None, **launch):
     """No-cache INT8 + SAS attention: ``query [B, Hq, Sq, D]``, ``key/value [B, Hkv, S, D]`` -> ``[B, Hq, Sq, D]``
-    in the query dtype (K/V quantized per block first: quantization is part of the call)."""
+    in the query dtype; reads what :func:`hf_turbo.quant.attention.no_cache_segments` defines (keys minus their
+    mean under ``k_smooth``, quantized per block first: quantization is part of the call)."""
+    from hf_turbo.quant.attention import key_mean
+
     check_supported(turbo)
     bsz, hq, sq, d = query.shape
     hkv = key.shape[1]
-    seg = quantize_kv_segment(key, value, turbo)
+    seg = quantize_kv_segment(key, value, turbo, k_mean=key_mean(key) if turbo.k_smooth else None)
     out = torch.empty_like(query)
     hmap = torch.arange(hkv, dtype=torch.int32, device=query.device)
     launch_prefill(query, out, turbo=turbo, sm_scale=sm_scale, causal=causal, pad=pad,

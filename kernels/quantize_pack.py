@@ -2,7 +2,7 @@
 
 ``stage1(x, block)``: symmetric INT8 per (batch, head, block of ``block`` rows), scale ``amax / 119``::
 
-    x    [B, H, T, D]  float16 / bfloat16 / float32, any strides
+    x    [B, H, T, D]  float16 / bfloat16 / float32, any strides (minus K smoothing's mu first, ``mean=``)
     ->   x8 int8 [B, H, T, D] (or V^T layout [B, H, D, T], ``transpose=True``), scale float32 [B, H, ceil(T/block)]
          or, ``dequant_fp16=True``, fp16(x8 * scale) [B, H, T, D] (what the FP16-PV path multiplies by P)
 
@@ -29,8 +29,9 @@ def _stage1_kernel(
     x_ptr, sxb, sxh, sxt, sxd,
     o_ptr, sob, soh, sot, sod,
     s_ptr, ssb, ssh, ssn,
+    mu_ptr, smb, smh, smd,
     H, T, D, scale_mult,
-    BLOCK: tl.constexpr, DP: tl.constexpr, DEQUANT: tl.constexpr,
+    BLOCK: tl.constexpr, DP: tl.constexpr, DEQUANT: tl.constexpr, SUB_MEAN: tl.constexpr,
 ):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -39,7 +40,11 @@ def _stage1_kernel(
     t = blk * BLOCK + tl.arange(0, BLOCK)
     d = tl.arange(0, DP)
     msk = (t[:, None] < T) & (d[None, :] < D)
-    x = tl.load(x_ptr + b * sxb + h * sxh + t[:, None] * sxt + d[None, :] * sxd, mask=msk, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b * sxb + h * sxh + t[:, None] * sxt + d[None, :] * sxd, mask=msk, other=0.0)
+    if SUB_MEAN:  # x - mu in FP32, rounded to x's dtype: torch.sub on two tensors of that dtype
+        mu = tl.load(mu_ptr + b * smb + h * smh + d * smd, mask=d < D, other=0.0)
+        x = tl.where(msk, x.to(tl.float32) - mu.to(tl.float32)[None, :], 0.0).to(x_ptr.dtype.element_ty)
+    x = x.to(tl.float32)
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
     amax = tl.where(amax > 0, amax, 1.0)
     x8 = stage1_codes(x, stage1_inv(amax))
@@ -53,11 +58,12 @@ def _stage1_kernel(
 
 
 def stage1(x: torch.Tensor, block: int, *, scale_mult: float = 1.0, transpose: bool = False,
-           dequant_fp16: bool = False, num_warps: int = 4):
+           dequant_fp16: bool = False, mean: torch.Tensor | None = None, num_warps: int = 4):
     """Stage-1 INT8 of ``x [B, H, T, D]`` per block of ``block`` rows (see module docstring).
 
-    Returns ``(x8, scale)``; ``x8`` is int8 ``[B, H, T, D]`` (``[B, H, D, T]`` contiguous if ``transpose``) or fp16
-    dequantized values (``dequant_fp16``); ``scale`` float32 ``[B, H, nblk]`` times ``scale_mult``."""
+    ``mean``: optional ``[B, H, 1, D]`` (K smoothing's mu, ``x``'s dtype) subtracted first, as ``x - mean`` in
+    torch. Returns ``(x8, scale)``; ``x8`` is int8 ``[B, H, T, D]`` (``[B, H, D, T]`` contiguous if ``transpose``)
+    or fp16 dequantized values (``dequant_fp16``); ``scale`` float32 ``[B, H, nblk]`` times ``scale_mult``."""
     bsz, h, t, d = x.shape
     nblk = triton.cdiv(t, block)
     if transpose:
@@ -67,9 +73,16 @@ def stage1(x: torch.Tensor, block: int, *, scale_mult: float = 1.0, transpose: b
         out = torch.empty(bsz, h, t, d, dtype=torch.float16 if dequant_fp16 else torch.int8, device=x.device)
         so = out.stride()
     scale = torch.empty(bsz, h, nblk, dtype=torch.float32, device=x.device)
+    if mean is not None:
+        if mean.shape != (bsz, h, 1, d) or mean.dtype != x.dtype:
+            raise ValueError(f"stage1: mean must be [B, H, 1, D] = {(bsz, h, 1, d)} in {x.dtype}, got "
+                             f"{tuple(mean.shape)} {mean.dtype}")
+        mp = (mean, mean.stride(0), mean.stride(1), mean.stride(3))
+    else:
+        mp = (scale, 0, 0, 0)
     _stage1_kernel[(nblk, bsz * h)](
-        x, *x.stride(), out, *so, scale, *scale.stride(), h, t, d, float(scale_mult),
-        BLOCK=block, DP=next_pow2(d), DEQUANT=dequant_fp16, num_warps=num_warps,
+        x, *x.stride(), out, *so, scale, *scale.stride(), *mp, h, t, d, float(scale_mult),
+        BLOCK=block, DP=next_pow2(d), DEQUANT=dequant_fp16, SUB_MEAN=mean is not None, num_warps=num_warps,
     )
     return out, scale
 

@@ -169,6 +169,7 @@ def test_empty_input():
         ("sas_base", "10"),
         ("pv", "int4"),
         ("buffer_attention", "int4"),
+        ("tail_v", "int4"),
         ("priority_source", "q"),
     ],
 )
@@ -188,6 +189,9 @@ def test_turbo_config_other_errors():
         TurboQuantCache(_config(), bitz=4)
     with pytest.raises(ValueError, match="int2_heads=3 exceeds num_key_value_heads=2"):
         TurboQuantCache(_config(), int2_heads=3).update(*_kv(), 0)
+    with pytest.raises(ValueError, match=r"tail_v='fp16' needs pv='fp16' \(pv='int8'"):
+        TurboConfig(pv="int8", tail_v="fp16")
+    assert TurboConfig(pv="int8").tail_v_precision == "int8" and TurboConfig().tail_v_precision == "fp16"
     # valid edge values are accepted
     TurboConfig(bits=8, low_bits=4, int2_fraction=1.0, block_size=128, block_n=32, n_r=0.5)
 

@@ -15,7 +15,7 @@ import torch
 
 from hf_turbo.cache import TurboLayer
 from hf_turbo.config import TurboConfig
-from hf_turbo.quant.attention import exact_attention, int8_segments, turbo_attention_reference
+from hf_turbo.quant.attention import exact_attention, int8_segments, no_cache_segments, turbo_attention_reference
 
 DEV = "cuda" if os.environ.get("HF_TURBO_GPU_TESTS") == "1" else "cpu"
 
@@ -43,23 +43,27 @@ def _poison_empty_like(x):
 
 
 CASES = [
-    # d, hq, hkv, sq, causal, exp, base, pv, pad, window
-    (64, 4, 2, 130, True, "sas", "e", "int8", False, None),
-    (64, 2, 2, 96, False, "sas", "2", "fp16", True, None),
-    (96, 4, 1, 70, True, "exp2", "e", "int8", True, 40),
-    (128, 2, 2, 64, True, "sas", "e", "fp16", False, None),
+    # d, hq, hkv, sq, causal, exp, base, pv, pad, window, other TurboConfig fields
+    (64, 4, 2, 130, True, "sas", "e", "int8", False, None, {}),
+    (64, 2, 2, 96, False, "sas", "2", "fp16", True, None, {}),
+    (96, 4, 1, 70, True, "exp2", "e", "int8", True, 40, dict(k_smooth=False)),
+    (128, 2, 2, 64, True, "sas", "e", "fp16", False, None, {}),
+    (64, 4, 2, 150, True, "exp2", "e", "fp16", True, None, dict(tail_v="int8")),
+    (64, 4, 4, 100, False, "exp2", "e", "fp16", False, None, dict(k_smooth=False, tail_v="fp16")),
 ]
 
 
-@pytest.mark.parametrize("d,hq,hkv,sq,causal,exp,base,pv,pad,window", CASES)
-def test_prefill_matches_reference(d, hq, hkv, sq, causal, exp, base, pv, pad, window):
+@pytest.mark.parametrize("d,hq,hkv,sq,causal,exp,base,pv,pad,window,extra", CASES)
+def test_prefill_matches_reference(d, hq, hkv, sq, causal, exp, base, pv, pad, window, extra):
+    """The no-cache kernel path against the reference of what it reads (``no_cache_segments``: K smoothing, stage-1
+    INT8 keys, INT8 or FP16 values); keys carry a per-channel offset, as real keys do, so smoothing matters."""
     from hf_turbo.kernels import prefill, unavailable_reason
 
     assert unavailable_reason(DEV, allow_interpreter=True) is None
-    t = TurboConfig(exp=exp, sas_base=base, pv=pv)
+    t = TurboConfig(exp=exp, sas_base=base, pv=pv, **extra)
     b = 2
     q = torch.randn(b, hq, sq, d, device=DEV).half()
-    k = torch.randn(b, hkv, sq, d, device=DEV).half()
+    k = (torch.randn(b, hkv, sq, d, device=DEV) + 3 * torch.randn(1, hkv, 1, d, device=DEV)).half()
     v = torch.randn(b, hkv, sq, d, device=DEV).half()
     padv = torch.tensor([0, 37], dtype=torch.int32, device=DEV) if pad else None
     key_mask = None
@@ -67,7 +71,7 @@ def test_prefill_matches_reference(d, hq, hkv, sq, causal, exp, base, pv, pad, w
         key_mask = torch.arange(sq, device=DEV)[None, :] >= padv[:, None]
     sm = d**-0.5
     out = prefill(q, k, v, t, sm_scale=sm, causal=causal, pad=padv, sliding_window=window)
-    ref = turbo_attention_reference(q.cpu(), int8_segments(k.cpu(), v.cpu(), 0, 64), sm_scale=sm, causal=causal,
+    ref = turbo_attention_reference(q.cpu(), no_cache_segments(k.cpu(), v.cpu(), t), sm_scale=sm, causal=causal,
                                     key_mask=None if key_mask is None else key_mask.cpu(), sliding_window=window,
                                     **_ref_kwargs(t))
     _check(out, ref, v.abs().max().item())
@@ -92,20 +96,22 @@ def _layer(cfg, b, hkv, d, lengths):
 
 
 @pytest.mark.parametrize(
-    "d,hq,hkv,hist,sq,frac,pv,exp,base,causal,pad,window,res",
+    "d,hq,hkv,hist,sq,frac,pv,exp,base,causal,pad,window,res,tail_v",
     [
-        (64, 4, 2, 130, 70, 0.5, "int8", "sas", "e", True, True, None, 0),  # chunked prefill, mixed 4/2-bit
-        (64, 6, 2, 200, 1, 0.5, "int8", "sas", "e", True, True, None, 0),  # decode, GQA 3:1 (SmolLM2-like), ragged
-        (128, 8, 2, 300, 1, 0.0, "fp16", "sas", "2", True, False, 100, 0),  # decode, 4-bit, window
-        (96, 4, 4, 64, 3, 0.25, "int8", "exp2", "e", True, False, None, 0),  # small Sq decode, padded head dim
+        (64, 4, 2, 130, 70, 0.5, "int8", "sas", "e", True, True, None, 0, "auto"),  # chunked prefill, mixed 4/2-bit
+        (64, 6, 2, 200, 1, 0.5, "int8", "sas", "e", True, True, None, 0, "auto"),  # decode, GQA 3:1, ragged
+        (128, 8, 2, 300, 1, 0.0, "fp16", "sas", "2", True, False, 100, 0, "int8"),  # decode, 4-bit, window
+        (96, 4, 4, 64, 3, 0.25, "int8", "exp2", "e", True, False, None, 0, "auto"),  # small Sq, padded head dim
         # residual_length 128: 1 compressed block + a 137-token FP16 tail (3 tail blocks in the decode kernel)
-        (64, 6, 2, 200, 1, 0.5, "fp16", "exp2", "e", True, True, None, 128),
+        (64, 6, 2, 200, 1, 0.5, "fp16", "exp2", "e", True, True, None, 128, "fp16"),
+        (64, 4, 2, 130, 70, 0.0, "fp16", "exp2", "e", True, False, None, 0, "int8"),  # chunked prefill, INT8 tail V
+        (64, 4, 2, 130, 70, 0.5, "fp16", "exp2", "e", True, True, None, 0, "fp16"),  # chunked prefill, FP16 tail V
     ],
 )
-def test_attend_layer_matches_reference(d, hq, hkv, hist, sq, frac, pv, exp, base, causal, pad, window, res):
+def test_attend_layer_matches_reference(d, hq, hkv, hist, sq, frac, pv, exp, base, causal, pad, window, res, tail_v):
     from hf_turbo.kernels import attend_layer
 
-    cfg = TurboConfig(int2_fraction=frac, pv=pv, exp=exp, sas_base=base, residual_length=res)
+    cfg = TurboConfig(int2_fraction=frac, pv=pv, exp=exp, sas_base=base, residual_length=res, tail_v=tail_v)
     b = 2
     layer, k_all, v_all = _layer(cfg, b, hkv, d, [hist, sq])
     q = torch.randn(b, hq, sq, d, device=DEV).half()
@@ -114,8 +120,8 @@ def test_attend_layer_matches_reference(d, hq, hkv, hist, sq, frac, pv, exp, bas
     key_mask = None if not pad else (torch.arange(s_kv, device=DEV)[None, :] >= padv[:, None])
     sm = d**-0.5
     ref = turbo_attention_reference(
-        q.cpu(), [s._replace(**{f: getattr(s, f).cpu() for f in ("k", "v", "k_scale", "v_scale")})
-                  for s in layer.attention_segments()],
+        q.cpu(), [s._replace(**{f: getattr(s, f).cpu() for f in ("k", "v", "k_scale", "v_scale")
+                                if getattr(s, f) is not None}) for s in layer.attention_segments()],
         sm_scale=sm, causal=causal, key_mask=None if key_mask is None else key_mask.cpu(), sliding_window=window,
         **_ref_kwargs(cfg))
     assert layer.blocks_before == max(hist - res, 0) // 64  # the residual stays in the tail
@@ -215,12 +221,27 @@ def test_decode_plan_follows_reordered_pools():
     assert torch.equal(after, before.flip(0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prefill_reads_fp16_values_in_place(dtype):
+    """``tail_v="fp16"``: the values are read through their strides (here a [B, S, H, D] projection viewed as
+    [B, H, S, D], as the attention modules pass them), bfloat16 rounded to FP16 first, like the reference."""
+    from hf_turbo.kernels import prefill
+
+    t = TurboConfig(k_smooth=False)
+    q, k, v = (torch.randn(2, 90, 4, 64, device=DEV).to(dtype).transpose(1, 2) for _ in range(3))
+    out = prefill(q, k, v, t, sm_scale=0.125, causal=True)
+    assert out.dtype == dtype
+    ref = turbo_attention_reference(q.cpu(), no_cache_segments(k.cpu(), v.cpu(), t), sm_scale=0.125, causal=True,
+                                    **_ref_kwargs(t))
+    _check(out, ref, v.abs().max().item(), rel=REL_L2 if dtype == torch.float16 else 1e-2)
+
+
 @pytest.mark.parametrize("v_trans", [True, False])
 def test_prefill_v_layouts(v_trans):
     """INT8 PV with V stored [D, T] (the GPU layout: reduction dim contiguous) or [T, D]: same result."""
     from hf_turbo.kernels.prefill import launch_prefill, quantize_kv_segment
 
-    t = TurboConfig()
+    t = TurboConfig(pv="int8")
     q = torch.randn(1, 2, 100, 64, device=DEV).half()
     k = torch.randn(1, 2, 100, 64, device=DEV).half()
     v = torch.randn(1, 2, 100, 64, device=DEV).half()

@@ -45,6 +45,25 @@ def test_stage1_bit_exact(d, dtype):
     assert torch.equal(xd, ref_deq)
 
 
+# bfloat16 compiled only: the interpreter rounds float32 -> bfloat16 toward zero (torch and the GPU: to nearest even)
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEV == "cuda" else []))
+def test_stage1_subtracts_the_mean(dtype):
+    """K smoothing fused into stage 1: the codes and scales of ``x - mu`` (torch's subtraction in x's dtype)."""
+    from hf_turbo.kernels.quantize_pack import stage1
+
+    from hf_turbo.quant.attention import key_mean
+
+    x = (_inputs(2, 3, 150, 64, torch.float32) + 5 * torch.randn(1, 3, 1, 64, device=DEV)).to(dtype)
+    mu = key_mean(x)
+    ref8, refs = quantize_int8_blocks((x - mu).cpu(), 64)
+    x8, s = stage1(x, 64, mean=mu)
+    assert torch.equal(x8, ref8.to(DEV)) and torch.equal(s, refs.to(DEV))
+    plain8, _ = stage1(x, 64)
+    assert not torch.equal(plain8, x8)  # the mean was applied
+    with pytest.raises(ValueError, match=r"mean must be \[B, H, 1, D\]"):
+        stage1(x, 64, mean=mu[:, :2])
+
+
 def _poison(layer):
     for pool in layer.pools.values():
         for _name, t in pool.items():

@@ -6,7 +6,15 @@ priority   head priority gap x std and the choice of the low-bit heads.
 attention  INT8 QK^T / PV attention with online SAS softmax, prefill and decode; exact FP64 attention.
 """
 
-from .attention import KVSegment, exact_attention, int8_segments, quantize_q, turbo_attention_reference
+from .attention import (
+    KVSegment,
+    exact_attention,
+    int8_segments,
+    key_mean,
+    no_cache_segments,
+    quantize_q,
+    turbo_attention_reference,
+)
 from .bpq import (
     BLOCK_SIZE,
     INT8_RANGE,
@@ -34,6 +42,8 @@ __all__ = [
     "exp_neg",
     "head_priority",
     "int8_segments",
+    "key_mean",
+    "no_cache_segments",
     "pack_bits",
     "quantize_int8_blocks",
     "quantize_q",

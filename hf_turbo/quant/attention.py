@@ -10,7 +10,8 @@ online softmax")::
     p     = exp_neg(m_new - S)                 SAS in FP16 (or the FP32 exponential)
     alpha = exp(m - m_new)                     FP32 (inferred choice: the rescale never uses the truncated SAS)
     pv "int8":  P8 = round(127 p);  l = alpha l + sum(P8) / 127;  O = alpha O + (P8 . V8) * s_V / 127
-    pv "fp16":  l = alpha l + sum(p);  O = alpha O + p . fp16(V8 * s_V)
+    pv "fp16":  l = alpha l + sum(p);  O = alpha O + fp16(p) . fp16(V8 * s_V)     (l on the FP32 p; V as stored
+                with tail_v="fp16")
     pv "fp8":   P = e4m3(448 p); V = e4m3(V8);  l = alpha l + sum(P) / 448;  O = alpha O + (P . V) * s_V / 448
     out   = O / l   (0 for a row that sees no key)
 
@@ -34,8 +35,9 @@ from .sas import exp_neg
 class KVSegment(NamedTuple):
     """A run of consecutive keys/values.
 
-    k, v: ``[B, Hkv, T, D]``; either int8 with ``k_scale``/``v_scale`` float32 ``[B, Hkv, T]`` (per-token view of the
-    per-block scales), or floating point with scales ``None`` (read in FP16: ``buffer_attention="fp16"``).
+    k, v: ``[B, Hkv, T, D]``; each either int8 with its scale (``k_scale``/``v_scale`` float32 ``[B, Hkv, T]``, a
+    per-token view of the per-block scales) or floating point with scale ``None``, read in FP16 (keys with
+    ``buffer_attention="fp16"``, values also with ``tail_v="fp16"``).
     start: absolute position of the first token.
     """
 
@@ -169,11 +171,11 @@ def turbo_attention_reference(
         m_run = torch.cummax(s.amax(dim=-1), dim=-1).values  # running max after each tile
         m_safe = torch.where(torch.isinf(m_run), torch.zeros_like(m_run), m_run)
         p = exp_neg(m_safe[..., None] - s, exp=exp, n_r=n_r, base=sas_base).float()
-        p = _probability_operand(p, pv)
-        w = torch.where(torch.isinf(m_run), torch.zeros_like(m_run), torch.exp(m_run - m_safe[..., -1:]))
-        pw = (p * w[..., None]).reshape(b, hq, r1 - r0, n_cols)
-        l = pw.sum(-1)
-        acc = pw @ v_eff[:, :, :n_cols]
+        p_mm = _probability_operand(p, pv)
+        p_sum = p if pv == "fp16" else p_mm  # FP16 PV sums the FP32 p, before its FP16 rounding
+        w = torch.where(torch.isinf(m_run), torch.zeros_like(m_run), torch.exp(m_run - m_safe[..., -1:]))[..., None]
+        l = (p_sum * w).reshape(b, hq, r1 - r0, n_cols).sum(-1)
+        acc = (p_mm * w).reshape(b, hq, r1 - r0, n_cols) @ v_eff[:, :, :n_cols]
         out[:, :, r0:r1] = torch.where(l[..., None] > 0, acc / l.clamp_min(1e-30)[..., None], torch.zeros_like(acc))
     return out
 
@@ -202,14 +204,41 @@ def _probability_operand(p: torch.Tensor, pv: str) -> torch.Tensor:
 
 
 def int8_segments(
-    k: torch.Tensor, v: torch.Tensor, start: int = 0, block_size: int = 64
+    k: torch.Tensor, v: torch.Tensor, start: int = 0, block_size: int = 64, *, tail_v: str = "int8"
 ) -> list[KVSegment]:
-    """Stage-1 quantize float ``k, v [B, Hkv, T, D]`` per block (from ``start``) into one INT8 segment."""
+    """Stage-1 quantize float ``k, v [B, Hkv, T, D]`` per block (from ``start``) into one INT8 segment; with
+    ``tail_v="fp16"`` (``TurboConfig.tail_v_precision``) the values stay as they are (read in FP16)."""
     k8, ks = quantize_int8_blocks(k, block_size)
-    v8, vs = quantize_int8_blocks(v, block_size)
     t = k.shape[-2]
     per_tok = lambda s: s.repeat_interleave(block_size, dim=-1)[..., :t]  # noqa: E731
+    if tail_v == "fp16":
+        return [KVSegment(k8, v, per_tok(ks), None, start)]
+    v8, vs = quantize_int8_blocks(v, block_size)
     return [KVSegment(k8, v8, per_tok(ks), per_tok(vs), start)]
+
+
+KEY_MEAN_SAMPLES = 256
+
+
+def key_mean(k: torch.Tensor) -> torch.Tensor:
+    """K smoothing's mu: the channel mean of ``k [B, H, T, D]`` over every ``T // 256``-th token (every token when
+    ``T < 512``; padding included), ``[B, H, 1, D]`` in ``k``'s dtype, accumulated in float32. Any mu keeps
+    attention exact (a constant shift of each query row's scores); it only decides how well the shifted keys
+    quantize, and a channel's constant offset, which is what smoothing removes, shows in a few hundred evenly spaced
+    tokens as well as in all of them: reading 1/64 of a 16k-token K instead of all of it."""
+    step = max(1, k.shape[-2] // KEY_MEAN_SAMPLES)
+    return torch.mean(k[..., ::step, :], dim=-2, keepdim=True, dtype=torch.float32).to(k.dtype)
+
+
+def no_cache_segments(k: torch.Tensor, v: torch.Tensor, turbo) -> list[KVSegment]:
+    """What attention without a cache reads (``TurboConfig`` ``turbo``): ``k, v [B, Hkv, S, D]`` as one segment,
+    keys minus their own :func:`key_mean` under ``k_smooth`` (exact for softmax, as in the cache), then stage-1
+    INT8 per block (values per ``tail_v``), or as they are with ``buffer_attention="fp16"``."""
+    if turbo.k_smooth:
+        k = k - key_mean(k)
+    if turbo.buffer_attention == "fp16":
+        return [KVSegment(k, v, None, None, 0)]
+    return int8_segments(k, v, 0, turbo.block_size, tail_v=turbo.tail_v_precision)
 
 
 def exact_attention(
@@ -241,4 +270,7 @@ def exact_attention(
     return w @ vv
 
 
-__all__ = ["INT8_RANGE", "KVSegment", "exact_attention", "int8_segments", "quantize_q", "turbo_attention_reference"]
+__all__ = [
+    "INT8_RANGE", "KVSegment", "exact_attention", "int8_segments", "key_mean", "no_cache_segments", "quantize_q",
+    "turbo_attention_reference",
+]

@@ -8,7 +8,7 @@ import torch
 
 from hf_turbo.cache import TurboLayer
 from hf_turbo.config import TurboConfig
-from hf_turbo.quant.attention import exact_attention, int8_segments, turbo_attention_reference
+from hf_turbo.quant.attention import exact_attention, no_cache_segments, turbo_attention_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -33,18 +33,22 @@ def _check(out, ref, vmax, rel=5e-3):
 
 @pytest.mark.parametrize("d", [64, 96, 128])
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("preset", [dict(), dict(exp="sas", sas_base="2", pv="fp16"), dict(exp="exp2", pv="fp16"),
-                                    dict(exp="exp2", pv="int8")])
+@pytest.mark.parametrize("preset", [dict(), dict(exp="sas", sas_base="2", pv="fp16"), dict(exp="exp2", pv="int8"),
+                                    dict(tail_v="int8"), dict(k_smooth=False, tail_v="int8"),
+                                    dict(dtype=torch.bfloat16)])
 def test_prefill_real_size(d, causal, preset):
     from hf_turbo.kernels import prefill
 
+    preset = dict(preset)
+    dtype = preset.pop("dtype", torch.float16)
     t = TurboConfig(**preset)
     b, hq, hkv, s = 2, 8, 2, 1000
-    q, k, v = (torch.randn(b, h, s, d, device="cuda").half() for h in (hq, hkv, hkv))
+    q, k, v = (torch.randn(b, h, s, d, device="cuda").to(dtype) for h in (hq, hkv, hkv))
+    k = k + (2 * torch.randn(1, hkv, 1, d, device="cuda")).to(dtype)  # a per-channel key offset, as in real keys
     pad = torch.tensor([0, 123], dtype=torch.int32, device="cuda")
     km = torch.arange(s, device="cuda")[None] >= pad[:, None]
     out = prefill(q, k, v, t, sm_scale=d**-0.5, causal=causal, pad=pad)
-    ref = turbo_attention_reference(q, int8_segments(k, v, 0, 64), sm_scale=d**-0.5, causal=causal, key_mask=km,
+    ref = turbo_attention_reference(q, no_cache_segments(k, v, t), sm_scale=d**-0.5, causal=causal, key_mask=km,
                                     **_kw(t))
     if t.pv == "fp8":  # e4m3 rounding of P and V: compare with exact attention at the reference's own accuracy
         ex = exact_attention(q, k, v, sm_scale=d**-0.5, causal=causal, key_mask=km).float()
