@@ -11,8 +11,8 @@ Model args (``--model_args k=v,...``):
 * ``attention``: ``turbo`` (default) or ``sdpa``; ``cache``: ``turbo`` (default), ``kivi``, ``dynamic`` (FP cache)
   or ``none`` (transformers' default cache).
 * any :class:`hf_turbo.TurboConfig` field: ``bits``, ``low_bits``, ``int2_fraction``, ``int2_heads``, ``exp``,
-  ``n_r``, ``sas_base``, ``pv``, ``buffer_attention``, ``block_size``, ``k_axis``, ``v_axis``, ``priority_source``,
-  ``quantize``; ``preset`` (``paper``, ``int4``, ``mixed``, ...) as the base.
+  ``n_r``, ``sas_base``, ``pv``, ``buffer_attention``, ``tail_v``, ``k_smooth``, ``block_size``, ``k_axis``, ``v_axis``,
+  ``priority_source``, ``quantize``; ``preset`` (``paper``, ``int4``, ``mixed``, ...) as the base.
 * ``calibration``: a calibration JSON (``hf-turbo calibrate``) applied to the model (otherwise a ``turbo_config`` in
   the checkpoint's config is used, otherwise priorities are computed online per request).
 * ``kivi_bits``, ``kivi_group_size``, ``kivi_residual``: the KIVI-style baseline (``cache=kivi``, SDPA attention).
