@@ -25,9 +25,10 @@ compressed state; for any other attention they are the real K/V of the step (:me
 compressed before the step, dequantized, then the FP16 tail), so SDPA or eager stay correct and see what "turbo" sees.
 
 K smoothing (``TurboConfig.k_smooth``): the layer keeps ``k_mean`` (mu, ``[B, H, 1, D]``, the channel mean of the first
-keys it was given, :func:`~hf_turbo.quant.attention.key_mean`) and stores ``k - mu`` everywhere (pools, buffer, this step's tail), which the turbo attention reads
-as is: exact, since q.(k - mu) = q.k - q.mu is a constant per query row. mu is added back in :meth:`TurboLayer.step_kv`
-and :meth:`TurboLayer.dequantized`, so other readers and tools see the original keys.
+keys it was given, :func:`~hf_turbo.quant.attention.key_mean`) and stores ``k - mu`` everywhere (pools, buffer, this
+step's tail), which the turbo attention reads as is: exact, since q.(k - mu) = q.k - q.mu is a constant per query
+row. mu is added back in :meth:`TurboLayer.step_kv` and :meth:`TurboLayer.dequantized`, so other readers and tools
+see the original keys.
 """
 
 from __future__ import annotations
@@ -486,7 +487,8 @@ class TurboLayer(DynamicLayer):
     def attention_segments(self) -> list[KVSegment]:
         """Keys/values for the attention of the current step (reference path, see quant/attention.py):
         compressed blocks that existed before this step, rebuilt to INT8, then the FP16 tail (old buffer + new
-        tokens), quantized per block on the fly (``buffer_attention="int8"``; values per ``tail_v``) or read as FP16."""
+        tokens), quantized per block on the fly (``buffer_attention="int8"``; values per ``tail_v``) or read as
+        FP16."""
         self.write_pending()
         bs = self.turbo.block_size
         segments = []

@@ -152,10 +152,9 @@ class TurboConfig:
 
     @property
     def tail_v_precision(self) -> str:
-        """"int8" or "fp16": how the P.V product reads the tail's values (``tail_v`` with "auto" resolved)."""
-        if self.tail_v == "auto":
-            return "fp16" if self.pv == "fp16" else "int8"
-        return self.tail_v
+        """"int8" or "fp16": how the P.V product reads the tail's values (``tail_v`` with "auto" resolved; "fp16"
+        only under FP16 PV, the one product that takes FP16 values)."""
+        return "fp16" if self.pv == "fp16" and self.tail_v != "int8" else "int8"
 
     def num_low_heads(self, num_kv_heads: int, num_layers: int = 1) -> int:
         """How many KV heads go to ``low_bits``: per layer (``int2_scope="layer"``; ``num_layers`` is ignored) or in

@@ -141,7 +141,8 @@ def attend_no_cache(query, key, value, turbo, *, sm_scale, causal, key_mask, sli
             sliding_window=sliding_window,
         )
     return turbo_attention_reference(
-        query, no_cache_segments(key, value, turbo), sm_scale=sm_scale, causal=causal, key_mask=key_mask, sliding_window=sliding_window,
+        query, no_cache_segments(key, value, turbo), sm_scale=sm_scale, causal=causal, key_mask=key_mask,
+        sliding_window=sliding_window,
         exp=turbo.exp, n_r=turbo.n_r, sas_base=turbo.sas_base, pv=turbo.pv, block_m=turbo.block_m,
         block_n=turbo.block_n,
     )

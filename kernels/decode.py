@@ -399,7 +399,7 @@ class _DecodePlan:
             HAS_WINDOW=sliding_window is not None, PV_MODE=PV_MODES[turbo.pv], SKIP_EMPTY=turbo.exp == "sas",
             **exp_c, PREFETCH=bool(prefetch), FOLD_V=bool(fold_v) and turbo.pv == "fp16",
             REBUILD=REBUILDS[rebuild] if fold_v and turbo.pv == "fp16" else 0,
-            SUB_MEAN=layer.k_mean is not None, TAIL_V16=turbo.pv == "fp16" and turbo.tail_v_precision == "fp16",
+            SUB_MEAN=layer.k_mean is not None, TAIL_V16=turbo.tail_v_precision == "fp16",
             ASM=query.device.type == "cuda",  # packed PTX when compiled; plain Triton in the interpreter
             num_warps=num_warps or default_warps(bsz, self.heads), num_stages=num_stages,
         )

@@ -244,7 +244,8 @@ def launch_prefill(q, out, *, turbo, sm_scale, causal, pad, sliding_window, hmap
     """Launch :func:`_prefill_kernel` for the query heads of KV heads ``hmap`` (int32, one pool).
 
     ``comp``: None or dict(pool=..., bits=..., n=blocks). ``seg``: None or dict(k8, ks, v8, vs, start, v_trans) from
-    :func:`quantize_pack.stage1`. ``q [B, Hq, Sq, D]``, ``out`` same shape (written for the launch's heads)."""
+    :func:`quantize_kv_segment` (``v8`` indexed ``[B, Hkv, T, D]``, a transposed view of V^T storage when
+    ``v_trans``). ``q [B, Hq, Sq, D]``, ``out`` same shape (written for the launch's heads)."""
     bsz, hq_total, sq, d = q.shape
     hb = hmap.numel()
     bm, nw, ns = default_tiles(d, sq, turbo.block_m, q.is_cuda)
@@ -266,10 +267,8 @@ def launch_prefill(q, out, *, turbo, sm_scale, causal, pad, sliding_window, hmap
     if seg is not None:
         k8, v8 = seg["k8"], seg["v8"]
         v_trans = bool(seg.get("v_trans", False))
-        sv = v8.stride()
-        sv = (sv[0], sv[1], sv[3], sv[2]) if v_trans else sv  # V^T storage [B, H, D, T]: strides of (b, h, t, d)
         vs = seg["vs"] if seg["vs"] is not None else seg["ks"]  # FP16 tail values: no scale is read
-        sp = (k8, seg["ks"], v8, *sv, vs, k8.shape[1], k8.shape[2], seg["ks"].shape[2], seg["start"])
+        sp = (k8, seg["ks"], v8, *v8.stride(), vs, k8.shape[1], k8.shape[2], seg["ks"].shape[2], seg["start"])
     else:
         sp = (dummy, dummy, dummy, 0, 0, 0, 0, dummy, 1, 0, 1, 0)
         v_trans = False
@@ -297,20 +296,21 @@ def quantize_kv_segment(k, v, turbo, *, k_mean=None, v_trans: bool | None = None
     """Stage-1 INT8 of float ``k, v [B, Hkv, T, D]`` per ``block_size`` block for the INT8 segment
     (:func:`hf_turbo.quant.attention.int8_segments`): ``k`` minus ``k_mean`` (``[B, Hkv, 1, D]``, K smoothing) if
     given. V by ``turbo.tail_v_precision``: "fp16" keeps the values (in FP16, any strides; ``vs`` None); "int8"
-    with FP16 PV dequantizes stage 1 to FP16; INT8 PV gets the codes, as V^T on the GPU (``v_trans`` None), where
-    the MMA wants the reduction dim contiguous."""
+    with FP16 PV dequantizes stage 1 to FP16; INT8 PV gets the codes, stored as V^T on the GPU (``v_trans`` None),
+    where the MMA wants the reduction dim contiguous, and returned as its ``[B, Hkv, T, D]`` view."""
     from .quantize_pack import stage1
 
     bs = turbo.block_size
     k8, ks = stage1(k, bs, mean=k_mean)
     vt = False
-    if turbo.pv == "fp16" and turbo.tail_v_precision == "fp16":
+    if turbo.tail_v_precision == "fp16":
         v8, vs = (v if v.dtype == torch.float16 else v.to(torch.float16)), None
     elif turbo.pv == "fp16":
         v8, vs = stage1(v, bs, dequant_fp16=True)
     else:
         vt = bool(k.is_cuda) if v_trans is None else v_trans
         v8, vs = stage1(v, bs, transpose=vt)
+        v8 = v8.transpose(-1, -2) if vt else v8  # indexed (b, h, t, d) either way; V_TRANS only orients the loads
     return dict(k8=k8, ks=ks, v8=v8, vs=vs, start=0, v_trans=vt)
 
 
