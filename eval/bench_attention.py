@@ -242,11 +242,12 @@ def decode_rows(quick=False):
                         return attend_layer(qs[j[0] % ncopy], layers[j[0]], sm_scale=d**-0.5, causal=True)
 
                     ms = bench(run)
+                    plan = layers[0].kernel_cache["decode_plan"][1]  # the walk decode_layer chose ("auto")
                     sdpa = [r for r in rows if r["B"] == b and r["ctx"] == ctx and r["kernel"].startswith("SDPA flash")]
                     base = sdpa[0]["us"] if sdpa and sdpa[0]["us"] else None
                     rows.append(dict(kernel=cname, B=b, ctx=ctx, us=ms * 1e3, bytes=nbytes, gbps=nbytes / ms / 1e6,
                                      speedup_vs_sdpa_flash=(base / (ms * 1e3)) if base else None,
-                                     rel_l2_vs_dequantized_exact=err))
+                                     rel_l2_vs_dequantized_exact=err, walk="mma" if plan.mma else "triton"))
                     del layers
                 except Exception as exc:
                     traceback.print_exc()
@@ -309,9 +310,12 @@ def main(argv=None):
             r["label"] = f"B{r['B']} ctx{r['ctx'] // 1024}k"
         write_result("attention_decode", rows, title="Decode, 32 q / 8 kv heads, d=128, one query token",
                      command=cmd,
-                     notes="ours: one decode launch per layer for all its bit-width pools (Q and the FP16 tail "
-                           "quantized inside it, split contexts merged by the last split); eager calls, so small cases "
-                           "include the host launch cost (decode_tuning.json has CUDA-graph times)")
+                     notes="ours (walk 'triton'): one decode launch per layer for all its bit-width pools (Q and the "
+                           "FP16 tail quantized inside it, split contexts merged by the last split); walk 'mma' "
+                           "(decode_layer's automatic choice at >= 64 sequence x KV-head pairs): kernels/decode_mma "
+                           "attends to the compressed blocks, one launch per pool, then the Triton launch adds the "
+                           "tail and merges; eager calls, so small cases include the host launch cost "
+                           "(decode_tuning.json has CUDA-graph times)")
         _plot(rows, "attention_decode", "us", "Decode latency (us), lower is better")
     if "prefill" not in skip:
         rows = prefill_rows(args.quick)

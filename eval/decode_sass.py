@@ -31,7 +31,7 @@ _POINTERS = {"q_ptr": "*fp16", "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*
              "lo_vc_ptr": "*u8", "lo_vs_ptr": "*fp32", "lo_vs2_ptr": "*u8", "lo_vz_ptr": "*i8"}
 _ONES = ("sqd", "sod", "stkd", "stvd", "Sq")  # equal to 1 in a decode step: Triton makes them constants
 _DIV16 = ("sqb", "sqh", "sqs", "Hq", "sob", "soh", "sos", "stkb", "stkh", "stkt", "stvb", "stvh", "stvt", "D", "CAP")
-VARIANTS = {"int": 0, "fp16": 1, "words": 2}
+VARIANTS = {"int": 0, "fp16": 1, "words": 2, "mma": None}  # mma: kernels/decode_mma's walk (Gluon, one warp)
 
 
 def _tool(name: str) -> str:
@@ -66,6 +66,25 @@ def compile_decode(rebuild: str, bits: int, num_warps: int, num_stages: int):
                     attrs={(names.index(k),): [["tt.divisibility", 16]] for k in (*_POINTERS, *_DIV16)})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
                                                                               num_stages=num_stages))
+
+
+def compile_walk(bits: int):
+    """kernels/decode_mma's walk compiled for sm_90 (no GPU needed), with its default prefetch and the same
+    specialization as :func:`compile_decode` (one warp per program)."""
+    from hf_turbo.kernels import decode_mma
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = decode_mma._walk_kernel
+    const = dict(G=4, BS=64, BLOCK_M=16, BLOCK_N=64, DP=128, BITS=bits, CAUSAL=True, HAS_PAD=False, HAS_WINDOW=False,
+                 ASM=True, PREFETCH=decode_mma.PREFETCH, sqd=1, **decode_mma.layouts(bits, 128))
+    names = [p.name for p in fn.params]
+    signature = {p.name: "constexpr" if p.name in const else _POINTERS.get(p.name, "fp32" if p.name == "q_mult"
+                                                                               else "i32") for p in fn.params}
+    aligned = [n for n in (*_POINTERS, *_DIV16) if n in names]
+    src = GluonASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()},
+                         attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
 
 
 def sass_stats(cubin: bytes) -> dict:
@@ -105,18 +124,19 @@ def main(argv=None) -> int:
     rows = []
     for bits in map(int, args.bits.split(",")):
         for rebuild in args.variants.split(","):
-            for warps, stages in ((4, 2), (2, 1)):
-                kernel = compile_decode(rebuild, bits, warps, stages)
+            for warps, stages in ((1, None),) if rebuild == "mma" else ((4, 2), (2, 1)):
+                kernel = compile_walk(bits) if rebuild == "mma" else compile_decode(rebuild, bits, warps, stages)
                 row = dict(bits=bits, rebuild=rebuild, num_warps=warps, num_stages=stages,
-                           **sass_stats(kernel.asm["cubin"]))
+                           shared_bytes=kernel.metadata.shared, **sass_stats(kernel.asm["cubin"]))
                 rows.append(row)
                 print(row, flush=True)
     write_result("decode_sass", rows, title="Decode kernel tile loop, static SASS (sm_90, hd 128, GQA 4)",
-                 columns=["bits", "rebuild", "num_warps", "num_stages", "registers", "stack_bytes",
+                 columns=["bits", "rebuild", "num_warps", "num_stages", "registers", "stack_bytes", "shared_bytes",
                           "loop_instructions", "loop_mma", "loop_top"],
                  notes="Per thread, one 64-key tile of K and V per loop iteration; compiled with Triton's bundled "
                        "ptxas, no GPU. int: integer rebuild + INT8 dot; fp16: FP16 rebuild from bytes; words: FP16 "
-                       "rebuild from int32 words with PTX (the default).",
+                       "rebuild from int32 words with PTX (the Triton kernel's default); mma: kernels/decode_mma's "
+                       "walk (Gluon, one warp, operands unpacked in the MMA layout; 4-bit K folded into Q).",
                  out_dir=Path(args.out_dir) if args.out_dir else None)
     return 0
 

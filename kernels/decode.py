@@ -42,6 +42,7 @@ import triton.language as tl
 from ._common import next_pow2, stage1_codes, stage1_inv, stage1_scale
 from ._launch import CachedLauncher, resident_per_sm
 from ._tiles import load_packed_raw, online_update, prep_v, qk_dot, rebuild_packed, rebuild_packed_f16
+from .decode_mma import bind_walk, walk_choice
 from .prefill import LOG2E, PV_MODES, exp_constants
 
 
@@ -111,10 +112,10 @@ def _walk_compressed(acc, m_i, l_i, q8, q16, qs, rvalid, qpos, pad_b, d, D, wind
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["NSPLIT", "CAP", "CAP_LO", "n_comp", "T_seg", "seg_start", "q_start", "T_old"])
+@triton.jit(do_not_specialize=["NSPLIT", "EXT", "CAP", "CAP_LO", "n_comp", "T_seg", "seg_start", "q_start", "T_old"])
 def _decode_kernel(
     q_ptr, sqb, sqh, sqs, sqd, q_mult, Hq,
-    acc_ptr, m_ptr, l_ptr, lock_ptr, NSPLIT, o_ptr, sob, soh, sos, sod,
+    acc_ptr, m_ptr, l_ptr, lock_ptr, NSPLIT, EXT, o_ptr, sob, soh, sos, sod,
     hmap_ptr, pad_ptr, NB,
     kc_ptr, ks_ptr, ks2_ptr, kz_ptr, vc_ptr, vs_ptr, vs2_ptr, vz_ptr, HB, CAP, n_comp,
     lo_hmap_ptr, lo_kc_ptr, lo_ks_ptr, lo_ks2_ptr, lo_kz_ptr, lo_vc_ptr, lo_vs_ptr, lo_vs2_ptr, lo_vz_ptr,
@@ -238,7 +239,7 @@ def _decode_kernel(
     if DIRECT:  # one program holds the whole context: normalize and write the output (no merge)
         o = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
     else:
-        prow = row * NSPLIT + sp
+        prow = row * (EXT + NSPLIT) + EXT + sp
         tl.store(m_ptr + prow, m_i, mask=rvalid)
         tl.store(l_ptr + prow, l_i, mask=rvalid)
         tl.store(acc_ptr + prow[:, None] * DP + d[None, :], acc, mask=rvalid[:, None])
@@ -249,7 +250,7 @@ def _decode_kernel(
         arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
         if arrived != NSPLIT - 1:
             return
-        o = _merge_splits(acc_ptr, m_ptr, l_ptr, row, rvalid, d, NSPLIT, BLOCK_M, DP, EXP_MODE)
+        o = _merge_splits(acc_ptr, m_ptr, l_ptr, row, rvalid, d, EXT + NSPLIT, BLOCK_M, DP, EXP_MODE)
         tl.atomic_xchg(lock_ptr + pid, 0)
     tl.store(o_ptr + b * sob + hq[:, None] * soh + i[:, None] * sos + d[None, :] * sod,
              o.to(o_ptr.dtype.element_ty), mask=rvalid[:, None] & dm[None, :])
@@ -365,7 +366,7 @@ def _head_maps(layer, device) -> dict:
 
 # runtime arguments of _decode_kernel that change from step to step, in the order decode_layer passes them (the
 # others are fixed for a layer's pools, scratch and constants)
-_DECODE_VARYING = ("q_ptr", "sqb", "sqh", "sqs", "sqd", "NSPLIT", "o_ptr", "pad_ptr", "n_comp",
+_DECODE_VARYING = ("q_ptr", "sqb", "sqh", "sqs", "sqd", "NSPLIT", "EXT", "o_ptr", "pad_ptr", "n_comp",
                    "tk_ptr", "stkb", "stkh", "stkt", "stkd", "tv_ptr", "stvb", "stvh", "stvt", "stvd", "T_seg",
                    "seg_start", "nk_ptr", "snkb", "snkh", "snkt", "snkd", "nv_ptr", "snvb", "snvh", "snvt", "snvd",
                    "T_old", "q_start")
@@ -376,7 +377,7 @@ class _DecodePlan:
     reused by every step until something fixed changes (see :func:`_plan`); each launch binds its fixed arguments
     (:class:`~._launch.BoundLaunch`), so a step only supplies the query, output, tail and lengths."""
 
-    def __init__(self, query, layer, sm_scale, causal, has_pad, sliding_window, has_comp, has_seg, tuning):
+    def __init__(self, query, layer, sm_scale, causal, has_pad, sliding_window, has_comp, has_seg, tuning, mma):
         turbo = layer.turbo
         bsz, hq, sq, d = query.shape
         g = hq // layer.num_heads
@@ -395,7 +396,7 @@ class _DecodePlan:
         self.kwargs = dict(
             G=g, QB=turbo.block_m, BS=turbo.block_size, BLOCK_M=max(16, next_pow2(g * sq)), BLOCK_N=turbo.block_n,
             DP=self.dp, K_CHANNEL=turbo.k_axis == "channel", V_CHANNEL=turbo.v_axis == "channel",
-            HAS_COMP=has_comp, HAS_SEG=has_seg, CAUSAL=bool(causal), HAS_PAD=has_pad,
+            HAS_COMP=has_comp and not mma, HAS_SEG=has_seg, CAUSAL=bool(causal), HAS_PAD=has_pad,
             HAS_WINDOW=sliding_window is not None, PV_MODE=PV_MODES[turbo.pv], SKIP_EMPTY=turbo.exp == "sas",
             **exp_c, PREFETCH=bool(prefetch), FOLD_V=bool(fold_v) and turbo.pv == "fp16",
             REBUILD=REBUILDS[rebuild] if fold_v and turbo.pv == "fp16" else 0,
@@ -406,6 +407,9 @@ class _DecodePlan:
         mu = layer.k_mean  # K smoothing's mean [B, H, 1, D], subtracted from pending keys (WRITE_NEW)
         self.mean = (mu, mu.stride(0), mu.stride(1), mu.stride(3)) if mu is not None else None
         self.shape, self.device = (bsz, hq, sq, d), query.device  # no reference to the layer: it holds the plan
+        self.mma = mma  # the compressed tiles go to decode_mma's walk, the Triton launch attends to the tail and merges
+        self.walk_resident = None  # programs per SM of the walk kernel (choose_split), known after its first launch
+        self.walks = {}  # bit width -> the bound walk launch of that pool (mma)
         self.launches = {}
         self.resident = None  # programs per SM of the compiled kernel, known after its first launch (choose_split)
         self.splits = {}  # (context tiles, split rule) -> splits, once the kernel's residency is known
@@ -433,18 +437,39 @@ class _DecodePlan:
         )
         self.scratch_splits = nsplit
         self.launches = {k: v for k, v in self.launches.items() if k[0]}  # split launches held the old scratch
+        self.walks = {}
 
-    def decode(self, layer, nsplit, write_new):
-        """The bound decode launch of ``layer``'s pools for ``nsplit`` splits (1: one program per KV head writes the
-        output; more: the last split to finish merges), writing the layer's pending tokens into its buffer if
-        ``write_new``."""
-        direct = nsplit == 1
+    def decode(self, layer, nsplit, write_new, ext=0):
+        """The bound decode launch of ``layer``'s pools for ``nsplit`` splits (1 and no ``ext`` partials written
+        before it: one program per KV head writes the output; else the last split to finish merges them all),
+        writing the layer's pending tokens into its buffer if ``write_new``."""
+        direct = nsplit == 1 and not ext
         if not direct:
-            self._ensure_scratch(nsplit)
+            self._ensure_scratch(nsplit + ext)
         bound = self.launches.get((direct, write_new))
         if bound is None:
             bound = self.launches[(direct, write_new)] = self._bind(layer, direct, write_new)
         return bound
+
+    def walk(self, layer, query, pad, nsplit, q_start, device_index):
+        """Launch :mod:`.decode_mma`'s walk of the compressed tiles (one bound launch per bit-width pool): ``nsplit``
+        splits, writing partials ``0 .. nsplit - 1`` of the ``nsplit + 1`` per row (the Triton launch adds the
+        tail's and merges)."""
+        self._ensure_scratch(nsplit + 1)
+        bsz = query.shape[0]
+        for bits, hmap in self.maps.items():
+            bound = self.walks.get(bits)
+            if bound is None:
+                bound = self.walks[bits] = bind_walk(
+                    layer.pools[bits], hmap, self.scratch[:3], hq=self.shape[1], d=self.shape[3], q_mult=self.q_mult,
+                    turbo=layer.turbo, causal=self.kwargs["CAUSAL"], has_pad=self.kwargs["HAS_PAD"],
+                    window=self.window if self.kwargs["HAS_WINDOW"] else None, bits=bits, g=self.kwargs["G"],
+                    on_gpu=device_index is not None)
+            bound((nsplit, bsz * hmap.numel()), query, query.stride(0), query.stride(1), query.stride(3), nsplit,
+                  nsplit + 1, pad if pad is not None else hmap, layer.blocks_before, q_start,
+                  device_index=device_index)
+            if self.walk_resident is None and bound.kernel is not None:
+                self.walk_resident = resident_per_sm(bound.kernel, device_index)
 
     def _bind(self, layer, direct, write_new):
         bsz, hq, sq, d = self.shape
@@ -476,23 +501,24 @@ class _DecodePlan:
         return _DECODE.bind(fixed, kwargs, _DECODE_VARYING)
 
 
-def _plan(layer, query, sm_scale, causal, pad, sliding_window, has_comp, has_seg, tuning) -> _DecodePlan:
+def _plan(layer, query, sm_scale, causal, pad, sliding_window, has_comp, has_seg, tuning, mma) -> _DecodePlan:
     """The layer's cached :class:`_DecodePlan`, rebuilt when the query's shape/dtype/device or the call's constants
     differ from the last step's; the layer drops it (``kernel_cache``) whenever its head groups or pools are replaced
     (growth, reorder, crop)."""
     sig = (query.shape, query.dtype, query.get_device(), sm_scale, causal, pad is None, sliding_window, has_comp,
-           has_seg, tuning)
+           has_seg, tuning, mma)
     cached = layer.kernel_cache.get("decode_plan")
     if cached is not None and cached[0] == sig:
         return cached[1]
-    plan = _DecodePlan(query, layer, sm_scale, causal, pad is not None, sliding_window, has_comp, has_seg, tuning)
+    plan = _DecodePlan(query, layer, sm_scale, causal, pad is not None, sliding_window, has_comp, has_seg, tuning,
+                       mma)
     layer.kernel_cache["decode_plan"] = (sig, plan)
     return plan
 
 
 def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=None, split=None,
                  num_warps=None, num_stages=1, prefetch=True, fold_v=True, rebuild="words", split_mult=None,
-                 max_split=32):
+                 max_split=32, walk="auto"):
     """Decode attention of ``query [B, Hq, Sq, D]`` over ``layer``: its blocks compressed before this step and its
     FP16 tail (``layer._tail_k/_tail_v``, quantized per block inside the kernel) and, if the layer has
     :attr:`~hf_turbo.cache.TurboLayer.pending` tokens, those too (the kernel writes them into the buffer). One
@@ -506,7 +532,11 @@ def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=Non
     FP16 PV on the INT8 codes with the V scale applied after the product; ``rebuild`` (with ``fold_v`` and FP16 PV):
     "words" / "fp16" build the INT8 values of the packed codes in FP16 arithmetic from int32 words / from bytes and
     run QK^T as an (exact) FP16 dot, "int" in integer arithmetic with an INT8 dot (:data:`REBUILDS`); ``num_warps``
-    (default :func:`default_warps`) and ``num_stages``: Triton launch options (eval/bench_decode_tuning.py).
+    (default :func:`default_warps`) and ``num_stages``: Triton launch options (eval/bench_decode_tuning.py);
+    ``walk``: who attends to the compressed blocks: "triton" (this kernel), "mma" (:mod:`.decode_mma`, operands
+    unpacked straight into the MMA registers; then this kernel attends to the tail and merges: two launches; raises
+    if the configuration is not one it computes) or "auto" (:func:`.decode_mma.walk_choice`: "mma" on the GPU once
+    the compressed context is long enough to pay for the second launch).
 
     The host side of a step is kept small (it runs once per layer per generated token): the fixed launch arguments
     live in a per-layer :class:`_DecodePlan`."""
@@ -515,12 +545,25 @@ def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=Non
     bs = layer.turbo.block_size
     tk, tv = layer._tail_k, layer._tail_v
     t_seg = tk.shape[2] if tk is not None else 0
-    plan = _plan(layer, query, sm_scale, causal, pad, sliding_window, n_comp > 0, t_seg > 0,
-                 (num_warps, num_stages, prefetch, fold_v, rebuild))
-    total_tiles = n_comp * plan.tiles_per_block + (t_seg + bs - 1) // bs
     dev = query.get_device()  # -1 on CPU (interpreter)
     on_gpu = dev >= 0
-    nsplit = split or plan.splits.get((total_tiles, split_mult, max_split))
+    mma = walk_choice(walk, query, layer, fold_v=fold_v, rebuild=rebuild, on_gpu=on_gpu) if n_comp else False
+    plan = _plan(layer, query, sm_scale, causal, pad, sliding_window, n_comp > 0, t_seg > 0,
+                 (num_warps, num_stages, prefetch, fold_v, rebuild), mma)
+    total_tiles = n_comp * plan.tiles_per_block + (t_seg + bs - 1) // bs
+    q_start = n_comp * bs + t_seg - sq
+    ext = 0
+    if mma:  # the compressed tiles in nsplit splits of the walk, then the tail in one program per KV head
+        ext = split or plan.splits.get(("walk", n_comp, max_split))
+        if ext is None:
+            ext = choose_split(bsz, min(h.numel() for h in plan.maps.values()), n_comp * plan.tiles_per_block,
+                               on_gpu, None, max_split, plan.walk_resident, dev)  # one launch per pool
+            if plan.walk_resident is not None or not on_gpu:
+                plan.splits[("walk", n_comp, max_split)] = ext
+        plan.walk(layer, query, pad, ext, q_start, dev if on_gpu else None)
+        nsplit = 1
+    else:
+        nsplit = split or plan.splits.get((total_tiles, split_mult, max_split))
     if nsplit is None:  # chosen once per context length (and rule) for this plan
         nsplit = choose_split(bsz, plan.heads, total_tiles, on_gpu, split_mult, max_split, plan.resident, dev)
         if plan.resident is not None or not on_gpu:
@@ -534,10 +577,10 @@ def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=Non
         new = (query, 0, 0, 0, 0) * 2 + (t_seg,)  # unused (WRITE_NEW off): any tensor of a fixed dtype
     hmap = next(iter(plan.maps.values()))
     tail = (tk, *tk.stride(), tv, *tv.stride(), t_seg, n_comp * bs) if t_seg else (hmap, 0, 0, 0, 0) * 2 + (0, 0)
-    bound = plan.decode(layer, nsplit, pending is not None)
+    bound = plan.decode(layer, nsplit, pending is not None, ext)
     bound(
-        (nsplit, bsz * plan.heads), query, *query.stride(), nsplit, out, pad if pad is not None else hmap,
-        n_comp, *tail, *new, n_comp * bs + t_seg - sq, device_index=dev if on_gpu else None,
+        (nsplit, bsz * plan.heads), query, *query.stride(), nsplit, ext, out, pad if pad is not None else hmap,
+        n_comp, *tail, *new, q_start, device_index=dev if on_gpu else None,
     )
     if plan.resident is None and bound.kernel is not None:
         plan.resident = resident_per_sm(bound.kernel, dev)

@@ -99,6 +99,36 @@ def test_attend_layer_real_size(d, frac, sq, res):
         kk, vv = layer.dequantized()
         ex = exact_attention(q, kk, vv, sm_scale=d**-0.5, causal=True, key_mask=km)
         assert _rel(out_s, ex) <= 1.5 * _rel(ref, ex) + 2e-3
+        from hf_turbo.kernels.decode_mma import unsupported
+
+        if unsupported(q, layer) is None:  # the MMA walk (compiled Gluon) over the compressed blocks
+            layer.kernel_cache.clear()
+            _check(attend_layer(q, layer, sm_scale=d**-0.5, causal=True, pad=pad, split=1, walk="mma"), ref, 6.0)
+            out_m = attend_layer(q, layer, sm_scale=d**-0.5, causal=True, pad=pad, walk="mma")
+            assert _rel(out_m, ex) <= 1.5 * _rel(ref, ex) + 2e-3
+            layer.kernel_cache.clear()
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.5])
+def test_mma_walk_long_context(frac):
+    """The MMA walk at the benchmark's shape (32 q / 8 kv heads, hd 128, 32k context, a batch of 4): against the
+    reference (one split) and exact attention (automatic split), and against the Triton walk."""
+    from hf_turbo.kernels import attend_layer
+
+    cfg = TurboConfig(int2_fraction=frac)
+    b, hq, hkv, d, ctx = 4, 32, 8, 128, 32768
+    layer = _layer(cfg, b, hkv, d, [ctx, 1])
+    q = torch.randn(b, hq, 1, d, device="cuda").half()
+    ref = turbo_attention_reference(q, layer.attention_segments(), sm_scale=d**-0.5, causal=True, **_kw(cfg))
+    _check(attend_layer(q, layer, sm_scale=d**-0.5, causal=True, split=1, walk="mma"), ref, 6.0)
+    layer.kernel_cache.clear()
+    out_m = attend_layer(q, layer, sm_scale=d**-0.5, causal=True, walk="mma")
+    layer.kernel_cache.clear()
+    out_t = attend_layer(q, layer, sm_scale=d**-0.5, causal=True, walk="triton")
+    kk, vv = layer.dequantized()
+    ex = exact_attention(q, kk, vv, sm_scale=d**-0.5, causal=True)
+    assert _rel(out_m, ex) <= 1.5 * _rel(ref, ex) + 2e-3
+    assert _rel(out_m, out_t) <= 2e-3
 
 
 def test_kernel_dispatch_through_ops():
