@@ -4,15 +4,10 @@ Interpreted here (the same source runs as plain Triton under TRITON_INTERPRET=1:
 replaced by its plain twin); the compiled Gluon kernel is checked on the H100 by tests/gpu and its static SASS by
 test_walk_compiles_without_shared_memory (no GPU needed)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import triton
-from hf_turbo.eval.decode_sass import _tool
+from test_decode_sass import decode_sass_rows  # one runner of eval/decode_sass
 from test_kernels_attention import DEV, _check, _layer, _ref_kwargs  # one layer builder and tolerance
 
 from hf_turbo.config import TurboConfig
@@ -105,13 +100,7 @@ def test_walk_compiles_without_shared_memory(tmp_path):
     instructions per 64-key tile than the Triton kernel's two warps."""
     if triton.__version__.split(".")[:2] != ["3", "6"]:
         pytest.skip(f"the Gluon walk is written for Triton 3.6 (the GPU machine's), not {triton.__version__}")
-    if not all(os.path.exists(_tool(t)) for t in ("ptxas", "cuobjdump")):
-        pytest.skip("Triton's bundled ptxas/cuobjdump are not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "hf_turbo.eval.decode_sass", "--bits", "4,2", "--variants", "words,mma",
-           "--out-dir", str(tmp_path)]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=900)
-    rows = json.loads((tmp_path / "decode_sass.json").read_text())["rows"]
+    rows = decode_sass_rows(tmp_path, "4,2", "words,mma")
     for bits in (4, 2):
         walk = [r for r in rows if r["rebuild"] == "mma" and r["bits"] == bits]
         two_warps = [r for r in rows if r["rebuild"] == "words" and r["bits"] == bits and r["num_warps"] == 2]
