@@ -76,15 +76,17 @@ def compile_walk(bits: int):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = decode_mma._walk_kernel
-    const = dict(G=4, BS=64, BLOCK_M=16, BLOCK_N=64, DP=128, BITS=bits, CAUSAL=True, HAS_PAD=False, HAS_WINDOW=False,
-                 ASM=True, PREFETCH=decode_mma.PREFETCH, sqd=1, **decode_mma.layouts(bits, 128))
+    const = decode_mma.walk_constants(g=4, block_size=64, d=128, bits=bits, causal=True, has_pad=False,
+                                      has_window=False, on_gpu=True)
+    options = dict(num_warps=const.pop("num_warps"))
+    const["sqd"] = 1
     names = [p.name for p in fn.params]
     signature = {p.name: "constexpr" if p.name in const else _POINTERS.get(p.name, "fp32" if p.name == "q_mult"
                                                                                else "i32") for p in fn.params}
     aligned = [n for n in (*_POINTERS, *_DIV16) if n in names]
     src = GluonASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()},
                          attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def sass_stats(cubin: bytes) -> dict:

@@ -187,26 +187,20 @@ def _subnormal_codes(w, ASM: tl.constexpr):
 def _pair_codes(wa, wb, BITS: tl.constexpr, ASM: tl.constexpr):
     """int32 words ``wa``, ``wb`` ``[R, W]`` of two keys -> int16 ``[R, W, 2, 2, 2(, 2), 2]``: the codes of each word
     in :func:`_stack8` order, then the key (``wa``, ``wb``) on the last axis; values as :func:`_word_codes`."""
-    if BITS == 4:
-        if ASM:
-            ys = gl.inline_asm_elementwise(PAIR_ASM_4, "=h," * 16 + "r,r", [wa, wb], dtype=(gl.int16,) * 16,
-                                           is_pure=True, pack=1)
-            a = _stack8(ys[0], ys[2], ys[4], ys[6], ys[8], ys[10], ys[12], ys[14])
-            b = _stack8(ys[1], ys[3], ys[5], ys[7], ys[9], ys[11], ys[13], ys[15])
-        else:
-            a = _word_codes(wa, 4, False)
-            b = _word_codes(wb, 4, False)
+    if not ASM:
+        return gl.join(_word_codes(wa, BITS, False), _word_codes(wb, BITS, False))
+    elif BITS == 4:
+        ys = gl.inline_asm_elementwise(PAIR_ASM_4, "=h," * 16 + "r,r", [wa, wb], dtype=(gl.int16,) * 16,
+                                       is_pure=True, pack=1)
+        a = _stack8(ys[0], ys[2], ys[4], ys[6], ys[8], ys[10], ys[12], ys[14])
+        b = _stack8(ys[1], ys[3], ys[5], ys[7], ys[9], ys[11], ys[13], ys[15])
     else:
-        if ASM:
-            ys = gl.inline_asm_elementwise(PAIR_ASM_2, "=h," * 32 + "r,r", [wa, wb], dtype=(gl.int16,) * 32,
-                                           is_pure=True, pack=1)
-            a = gl.join(_stack8(ys[0], ys[4], ys[8], ys[12], ys[16], ys[20], ys[24], ys[28]),
-                        _stack8(ys[2], ys[6], ys[10], ys[14], ys[18], ys[22], ys[26], ys[30]))
-            b = gl.join(_stack8(ys[1], ys[5], ys[9], ys[13], ys[17], ys[21], ys[25], ys[29]),
-                        _stack8(ys[3], ys[7], ys[11], ys[15], ys[19], ys[23], ys[27], ys[31]))
-        else:
-            a = _word_codes(wa, 2, False)
-            b = _word_codes(wb, 2, False)
+        ys = gl.inline_asm_elementwise(PAIR_ASM_2, "=h," * 32 + "r,r", [wa, wb], dtype=(gl.int16,) * 32,
+                                       is_pure=True, pack=1)
+        a = gl.join(_stack8(ys[0], ys[4], ys[8], ys[12], ys[16], ys[20], ys[24], ys[28]),
+                    _stack8(ys[2], ys[6], ys[10], ys[14], ys[18], ys[22], ys[26], ys[30]))
+        b = gl.join(_stack8(ys[1], ys[5], ys[9], ys[13], ys[17], ys[21], ys[25], ys[29]),
+                    _stack8(ys[3], ys[7], ys[11], ys[15], ys[19], ys[23], ys[27], ys[31]))
     return gl.join(a, b)
 
 
@@ -241,7 +235,21 @@ def _tile_base(bh, ti, CAP, TPB: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.con
     return (bh * CAP + ti // TPB) * (BS * DU) + (ti % TPB) * BLOCK_N * DU
 
 
-def layouts(bits: int, dp: int, block_n: int = 64, block_m: int = 16) -> dict:
+@jit
+def _load_k_words(kcw, base, kn, kwi, DU: tl.constexpr):
+    """K code words ``[BLOCK_N, DU]`` of the tile at word offset ``base`` (in the KW layout of ``kn``/``kwi``)."""
+    return gl.load(kcw + base + kn[:, None] * DU + kwi[None, :])
+
+
+@jit
+def _load_v_words(vcw, base, vkp, vwi, DU: tl.constexpr):
+    """V code words of the tile at word offset ``base``: ``(even keys, odd keys)``, each ``[BLOCK_N / 2, DU]``."""
+    wa = gl.load(vcw + base + (2 * vkp)[:, None] * DU + vwi[None, :])
+    wb = gl.load(vcw + base + (2 * vkp + 1)[:, None] * DU + vwi[None, :])
+    return wa, wb
+
+
+def layouts(bits: int, dp: int, block_n: int = 64) -> dict:
     """The constexpr layouts of :func:`_walk_kernel` (one warp): the MMA accumulator and the layouts in which K's
     and V's code words are loaded, chosen so that the unpacked codes land in the MMA operand layouts (None under
     the interpreter, which ignores layouts)."""
@@ -305,7 +313,6 @@ def _walk_kernel(q_ptr, sqb, sqh, sqd, q_mult, Hq,
     qc = gl.minimum(gl.where(qf < 0, -qc, qc), 119.0)
     qc = gl.maximum(qc, -119.0)
     q16 = qc.to(gl.float16)
-    qf8 = qc  # the INT8 codes in fp32 (the zero-point term of the folded K)
     qs = gl.div_rn(q_amax, gl.full([BLOCK_M], 119.0, gl.float32, gl.SliceLayout(1, A_OP))) * q_mult
     qs = gl.convert_layout(qs, gl.SliceLayout(1, MMA), assert_trivial=True)
 
@@ -323,11 +330,13 @@ def _walk_kernel(q_ptr, sqb, sqh, sqd, q_mult, Hq,
     kwi = gl.arange(0, DU, layout=gl.SliceLayout(0, KW))
     vkp = gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(1, VW))
     vwi = gl.arange(0, DU, layout=gl.SliceLayout(0, VW))
-    kch = _k_channel(gl.arange(0, DP, layout=gl.SliceLayout(1, B_OP)), PPW, WPL, FOLD_K)
-    q_pow = gl.exp2(-(4 * (kq % 2)).to(gl.float32)).to(gl.float16)  # FOLD_K: undoes the code's position in its byte
-    k_inv = gl.exp2(-(BITS * (kch % PPB)).to(gl.float32))
-    k_mul = k_inv.to(gl.float16)
-    k_add = (-1024.0 * k_inv).to(gl.float16)
+    if FOLD_K:
+        q_pow = gl.exp2(-(4 * (kq % 2)).to(gl.float32)).to(gl.float16)  # undoes the code's position in its byte
+    else:
+        kch = _k_channel(gl.arange(0, DP, layout=gl.SliceLayout(1, B_OP)), PPW, WPL, FOLD_K)
+        k_inv = gl.exp2(-(BITS * (kch % PPB)).to(gl.float32))
+        k_mul = k_inv.to(gl.float16)
+        k_add = (-1024.0 * k_inv).to(gl.float16)
     vch = _v_channel(gl.arange(0, DP, layout=gl.SliceLayout(0, B_OP)), PPW, WPG)
     v_inv = gl.exp2(-(BITS * (vch % PPB)).to(gl.float32))
     v_mul = v_inv.to(gl.float16)
@@ -348,28 +357,24 @@ def _walk_kernel(q_ptr, sqb, sqh, sqd, q_mult, Hq,
     # is computed; without it a tile's words are read at the top of its iteration
     t0 = _tile_base(bh, gl.minimum(t_begin, n_ct - 1), CAP, TPB, BS, BLOCK_N, DU)
     if PREFETCH >= 1:
-        kwd_next = gl.load(kcw + t0 + kn[:, None] * DU + kwi[None, :])
+        kwd_next = _load_k_words(kcw, t0, kn, kwi, DU)
     if PREFETCH >= 2:
-        wa_next = gl.load(vcw + t0 + (2 * vkp)[:, None] * DU + vwi[None, :])
-        wb_next = gl.load(vcw + t0 + (2 * vkp + 1)[:, None] * DU + vwi[None, :])
+        wa_next, wb_next = _load_v_words(vcw, t0, vkp, vwi, DU)
     for ti in range(t_begin, t_end):
         slot = bh * CAP + ti // TPB
         r0 = (ti % TPB) * BLOCK_N
-        base = slot * (BS * DU) + r0 * DU
+        base = _tile_base(bh, ti, CAP, TPB, BS, BLOCK_N, DU)
         nxt = _tile_base(bh, gl.minimum(ti + 1, t_end - 1), CAP, TPB, BS, BLOCK_N, DU)
         if PREFETCH >= 1:
             kwd = kwd_next
-            kwd_next = gl.load(kcw + nxt + kn[:, None] * DU + kwi[None, :])
+            kwd_next = _load_k_words(kcw, nxt, kn, kwi, DU)
         else:
-            kwd = gl.load(kcw + base + kn[:, None] * DU + kwi[None, :])
+            kwd = _load_k_words(kcw, base, kn, kwi, DU)
         if PREFETCH >= 2:
-            wa = wa_next
-            wb = wb_next
-            wa_next = gl.load(vcw + nxt + (2 * vkp)[:, None] * DU + vwi[None, :])
-            wb_next = gl.load(vcw + nxt + (2 * vkp + 1)[:, None] * DU + vwi[None, :])
+            wa, wb = wa_next, wb_next
+            wa_next, wb_next = _load_v_words(vcw, nxt, vkp, vwi, DU)
         else:
-            wa = gl.load(vcw + base + (2 * vkp)[:, None] * DU + vwi[None, :])
-            wb = gl.load(vcw + base + (2 * vkp + 1)[:, None] * DU + vwi[None, :])
+            wa, wb = _load_v_words(vcw, base, vkp, vwi, DU)
         vs2 = gl.load(vs2_ptr + slot * BS + r0 + vkey).to(gl.float16)
         vz = gl.load(vz_ptr + slot * BS + r0 + vkey).to(gl.float16)
         ksc = gl.load(ks_ptr + slot)
@@ -386,7 +391,7 @@ def _walk_kernel(q_ptr, sqb, sqh, sqd, q_mult, Hq,
         if FOLD_K:
             ks2 = gl.load(ks2_ptr + slot * D + kq, mask=kq < D, other=0).to(gl.float16)
             kz = gl.load(kz_ptr + slot * D + kq, mask=kq < D, other=0).to(gl.float32)
-            zq = gl.sum(qf8 * kz[None, :], axis=1) * 5.9604644775390625e-08  # sum_c q z * 2^-24, exact
+            zq = gl.sum(qc * kz[None, :], axis=1) * 5.9604644775390625e-08  # sum_c q z * 2^-24, exact
             s0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, MMA) + gl.convert_layout(
                 zq, gl.SliceLayout(1, MMA), assert_trivial=True)[:, None]
             s = mma_v2(q16 * (ks2 * q_pow)[None, :], kt, s0)
@@ -488,25 +493,31 @@ def walk_choice(walk: str, query, layer, *, fold_v: bool, rebuild: str, on_gpu: 
     return on_gpu and reason is None and pairs >= AUTO_MIN_PAIRS and tiles >= AUTO_MIN_TILES
 
 
-PREFETCH = 1  # software prefetch of the next tile's words: 0 none, 1 K, 2 K and V (H100: decode_tuning.json)
+PREFETCH = 1  # software prefetch of the next tile's words: 0 none, 1 K, 2 K and V (H100 A/B: kernels/NOTES.md)
 _WALK = CachedLauncher(_walk_kernel)  # launched once per layer and pool per token: see _launch.py
 # runtime arguments of _walk_kernel that change from step to step (the rest are fixed for a layer's pools)
 _WALK_VARYING = ("q_ptr", "sqb", "sqh", "sqd", "NSPLIT", "NPART", "pad_ptr", "n_comp", "q_start")
 
 
-def bind_walk(pool, hmap, partials, *, hq, d, q_mult, turbo, causal, has_pad, window, bits, g, on_gpu, prefetch=None):
+def walk_constants(*, g: int, block_size: int, d: int, bits: int, causal: bool, has_pad: bool, has_window: bool,
+                   on_gpu: bool) -> dict:
+    """The constexprs and launch options of :func:`_walk_kernel` (the bound launch and eval/decode_sass's static
+    compile use the same): ``ASM`` (packed PTX) when compiled, the module's :data:`PREFETCH`, one warp."""
+    return dict(G=g, BS=block_size, BLOCK_M=16, BLOCK_N=64, DP=d, BITS=bits, CAUSAL=bool(causal), HAS_PAD=has_pad,
+                HAS_WINDOW=has_window, ASM=on_gpu, PREFETCH=PREFETCH, **layouts(bits, d), num_warps=1)
+
+
+def bind_walk(pool, hmap, partials, *, hq, d, q_mult, turbo, causal, has_pad, window, bits, g, on_gpu):
     """A :class:`~._launch.BoundLaunch` of :func:`_walk_kernel` over the heads ``hmap`` (int32) of one bit-width
     ``pool`` (``g`` query heads per KV head), writing split partials ``(acc, m, l)`` into ``partials``
     (``[B, Hq, 1, >= npart, DP]``, ``[B, Hq, 1, >= npart]`` x2, float32). Called as ``bound((nsplit, B * len(hmap)),
     query, sqb, sqh, sqd, nsplit, npart, pad, n_comp, q_start)``: ``nsplit`` splits of the ``n_comp`` compressed
     blocks, partials ``0 .. nsplit - 1`` of ``npart`` per row."""
     acc, m, l = partials
-    prefetch = PREFETCH if prefetch is None else prefetch
     fixed = dict(q_mult=q_mult, Hq=hq, acc_ptr=acc, m_ptr=m, l_ptr=l, hmap_ptr=hmap, kc_ptr=pool["k_codes"],
                  ks_ptr=pool["k_scale"], ks2_ptr=pool["k_s2"], kz_ptr=pool["k_zero"], vc_ptr=pool["v_codes"],
                  vs_ptr=pool["v_scale"], vs2_ptr=pool["v_s2"], vz_ptr=pool["v_zero"], HB=hmap.numel(),
                  CAP=pool["k_scale"].shape[2], D=d, window=window or 0)
-    kwargs = dict(G=g, BS=turbo.block_size, BLOCK_M=16, BLOCK_N=64, DP=d, BITS=bits, CAUSAL=bool(causal),
-                  HAS_PAD=has_pad, HAS_WINDOW=window is not None, ASM=on_gpu, PREFETCH=prefetch, **layouts(bits, d),
-                  num_warps=1)
+    kwargs = walk_constants(g=g, block_size=turbo.block_size, d=d, bits=bits, causal=causal, has_pad=has_pad,
+                            has_window=window is not None, on_gpu=on_gpu)
     return _WALK.bind(fixed, kwargs, _WALK_VARYING)
