@@ -79,6 +79,18 @@ def ceilings():
     return rows
 
 
+def decode_notes() -> str:
+    """The decode table's notes (what each 'walk' runs and when decode_layer picks the MMA walk)."""
+    from hf_turbo.kernels.decode_mma import AUTO_MIN_PAIRS, AUTO_MIN_TILES
+
+    return ("ours (walk 'triton'): one decode launch per layer for all its bit-width pools (Q and the FP16 tail "
+            "quantized inside it, split contexts merged by the last split); walk 'mma' (decode_layer's automatic "
+            f"choice at >= {AUTO_MIN_PAIRS} sequence x KV-head pairs and >= {AUTO_MIN_TILES} pair-tiles): "
+            "kernels/decode_mma attends to the compressed blocks, one launch per pool, then the Triton launch adds "
+            "the tail and merges; eager calls, so small cases include the host launch cost (decode_tuning.json has "
+            "CUDA-graph times)")
+
+
 def _sdpa(q, k, v, causal, backend):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -190,7 +202,7 @@ def decode_rows(quick=False):
     l2 = 64 * 2**20
     configs = {"turbo 4-bit": dict(int2_fraction=0.0), "turbo 2-bit": dict(int2_fraction=1.0),
                "turbo mixed (50% 2-bit)": dict(int2_fraction=0.5)}
-    for ctx in (4096, 32768):
+    for ctx in (4096, 32768) if quick else (4096, 32768, 131072):  # 128k: B=64's FP16 K/V take 34 GB
         for b in ((1, 16) if quick else (1, 16, 64)):
             fp16_bytes = 2 * b * hkv * (ctx + 1) * d * 2
             ncopy = max(1, math.ceil(2 * l2 / fp16_bytes))
@@ -310,12 +322,7 @@ def main(argv=None):
             r["label"] = f"B{r['B']} ctx{r['ctx'] // 1024}k"
         write_result("attention_decode", rows, title="Decode, 32 q / 8 kv heads, d=128, one query token",
                      command=cmd,
-                     notes="ours (walk 'triton'): one decode launch per layer for all its bit-width pools (Q and the "
-                           "FP16 tail quantized inside it, split contexts merged by the last split); walk 'mma' "
-                           "(decode_layer's automatic choice at >= 64 sequence x KV-head pairs): kernels/decode_mma "
-                           "attends to the compressed blocks, one launch per pool, then the Triton launch adds the "
-                           "tail and merges; eager calls, so small cases include the host launch cost "
-                           "(decode_tuning.json has CUDA-graph times)")
+                     notes=decode_notes())
         _plot(rows, "attention_decode", "us", "Decode latency (us), lower is better")
     if "prefill" not in skip:
         rows = prefill_rows(args.quick)

@@ -76,7 +76,7 @@ def compile_walk(bits: int):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = decode_mma._walk_kernel
-    const = decode_mma.walk_constants(g=4, block_size=64, d=128, bits=bits, causal=True, has_pad=False,
+    const = decode_mma.walk_constants(g=4, block_size=64, d=128, bits=bits, has_pad=False,
                                       has_window=False, on_gpu=True)
     options = dict(num_warps=const.pop("num_warps"))
     const["sqd"] = 1
@@ -138,7 +138,8 @@ def main(argv=None) -> int:
                  notes="Per thread, one 64-key tile of K and V per loop iteration; compiled with Triton's bundled "
                        "ptxas, no GPU. int: integer rebuild + INT8 dot; fp16: FP16 rebuild from bytes; words: FP16 "
                        "rebuild from int32 words with PTX (the Triton kernel's default); mma: kernels/decode_mma's "
-                       "walk (Gluon, one warp, operands unpacked in the MMA layout; 4-bit K folded into Q).",
+                       "walk (Gluon, one warp, operands unpacked in the MMA layout, keys in the MMA's M and heads in N; "
+                       "4-bit K folded into Q; V's scale and zero point applied to P and the output).",
                  out_dir=Path(args.out_dir) if args.out_dir else None)
     return 0
 

@@ -462,7 +462,7 @@ class _DecodePlan:
             if bound is None:
                 bound = self.walks[bits] = bind_walk(
                     layer.pools[bits], hmap, self.scratch[:3], hq=self.shape[1], d=self.shape[3], q_mult=self.q_mult,
-                    turbo=layer.turbo, causal=self.kwargs["CAUSAL"], has_pad=self.kwargs["HAS_PAD"],
+                    turbo=layer.turbo, has_pad=self.kwargs["HAS_PAD"],
                     window=self.window if self.kwargs["HAS_WINDOW"] else None, bits=bits, g=self.kwargs["G"],
                     on_gpu=device_index is not None)
             bound((nsplit, bsz * hmap.numel()), query, query.stride(0), query.stride(1), query.stride(3), nsplit,

@@ -29,6 +29,7 @@ def _attend(q, layer, walk, split, pad=None, window=None):
         (128, 4, 2, 200, 1.0, True, None, 0),  # 2-bit (FP16 rebuild), ragged batch
         (128, 8, 2, 330, 0.5, False, 200, 64),  # mixed 4/2-bit pools, sliding window, 64-token residual
         (64, 6, 2, 260, 0.0, True, None, 0),  # head dim 64, GQA 3:1 (SmolLM2's shape)
+        (128, 32, 2, 200, 0.5, False, None, 0),  # 16 query heads per KV head: two MMA column tiles
     ],
 )
 def test_walk_matches_reference_and_triton_walk(d, hq, hkv, hist, frac, pad, window, res):
@@ -96,8 +97,9 @@ def test_walk_choice_and_unsupported_steps():
 
 def test_walk_compiles_without_shared_memory(tmp_path):
     """The compiled walk (sm_90, static SASS, no GPU): its K/V tiles never pass through shared memory (the operand
-    layouts are reached by register renaming: Gluon asserts those conversions move no data), no spills, and fewer
-    instructions per 64-key tile than the Triton kernel's two warps."""
+    layouts are reached by register renaming: Gluon asserts those conversions move no data), at most two words on
+    the stack (ptxas holds the walk at 168 registers, 12 programs per SM, by parking a loop-invariant word there),
+    and its one warp runs fewer instructions per 64-key tile than each of the Triton kernel's two warps."""
     if triton.__version__.split(".")[:2] != ["3", "6"]:
         pytest.skip(f"the Gluon walk is written for Triton 3.6 (the GPU machine's), not {triton.__version__}")
     rows = decode_sass_rows(tmp_path, "4,2", "words,mma")
@@ -105,6 +107,6 @@ def test_walk_compiles_without_shared_memory(tmp_path):
         walk = [r for r in rows if r["rebuild"] == "mma" and r["bits"] == bits]
         two_warps = [r for r in rows if r["rebuild"] == "words" and r["bits"] == bits and r["num_warps"] == 2]
         assert len(walk) == 1 and len(two_warps) == 1
-        assert walk[0]["shared_bytes"] == 0 and walk[0]["stack_bytes"] == 0 and walk[0]["registers"] <= 255
+        assert walk[0]["shared_bytes"] == 0 and walk[0]["stack_bytes"] <= 8 and walk[0]["registers"] <= 255
         assert walk[0]["loop_mma"] > 0
-        assert walk[0]["loop_instructions"] < 2 * two_warps[0]["loop_instructions"]
+        assert walk[0]["loop_instructions"] < two_warps[0]["loop_instructions"]
