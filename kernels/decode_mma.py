@@ -414,7 +414,8 @@ def _walk_kernel(q_ptr, sqb, sqh, sqd, q_mult, Hq,
     ``S^T [BLOCK_N, BLOCK_H] = K [BLOCK_N, DP] . Q^T [DP, BLOCK_H]`` and ``O^T [DP, BLOCK_H] = V^T [DP, BLOCK_N] .
     P^T [BLOCK_N, BLOCK_H]`` (P^T from the score accumulator by :func:`_transpose_p`). V's codes enter as FP16
     subnormals: its per-token scale ``s2`` is folded into P (``p s2`` rounded to FP16 once, as P alone is), its zero
-    point is the row sum ``sum_n p z`` added to every output column, and each channel's position in its byte
+    point is the per-head sum ``sum_n fp16(p_n s2_n) z_n / s2_n`` (the same rounded values: each key's rounding
+    stays relative to its value ``s2 code + z``) added to every output row, and each channel's position in its byte
     (``2^(BITS j)``) with the subnormal unit ``2^-24`` is undone once, at the store. The query token sits after every
     compressed key (decode: no causal mask inside the compressed blocks)."""
     A_OP: tl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -427,7 +428,7 @@ def _walk_kernel(q_ptr, sqb, sqh, sqd, q_mult, Hq,
     TPB: tl.constexpr = BS // BLOCK_N
     MASKED: tl.constexpr = HAS_PAD or HAS_WINDOW
     # 4-bit K: s2 (<= 16) folded into the query, |q s2| <= 119 * 16 < 2048 stays exact in FP16; the codes enter the
-    # MMA as FP16 subnormals and the zero point as the accumulator's initial value (scores scaled by 2^-24, exact)
+    # MMA as FP16 subnormals and the zero point as the accumulator's initial value (scores scaled by 2^-39, exact)
     FOLD_K: tl.constexpr = BITS == 4
     sp = gl.program_id(0)
     pid = gl.program_id(1)
