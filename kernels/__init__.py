@@ -11,8 +11,9 @@ Contract with :mod:`hf_turbo.ops` (every function computes what the reference in
 * ``attend_layer(query, layer, *, sm_scale, causal, pad, sliding_window) -> [B, Hq, Sq, D]``: attention over
   ``layer.attention_segments()`` (compressed blocks before this step + the FP16 tail quantized per block on the fly):
   :mod:`.prefill` for query blocks, :mod:`.decode` (GQA heads packed into the MMA rows, split context, LSE merge)
-  for short queries; at batch >= 16 on the GPU, :mod:`.decode_mma` (Gluon: packed codes unpacked straight into the
-  MMA operand registers) walks the compressed blocks and :mod:`.decode` adds the FP16 tail and merges.
+  for short queries; on the GPU with enough (sequence, KV head) pairs and compressed tiles
+  (:func:`.decode_mma.walk_choice`), :mod:`.decode_mma` (Gluon: packed codes unpacked straight into the MMA operand
+  registers) walks the compressed blocks and :mod:`.decode` adds the FP16 tail and merges.
 * ``prefill(query, key, value, turbo, *, sm_scale, causal, pad, sliding_window) -> [B, Hq, Sq, D]``: no-cache path.
 
 ``pad`` is None or int32 ``[B]`` leading padding per row (left padding). Outputs are in the query dtype.

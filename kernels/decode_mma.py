@@ -296,7 +296,7 @@ def _channel_bytes(ptr, row, cw, ASM_TEXT: tl.constexpr, FOLD: tl.constexpr, XOR
 def _k_channel(k, PPW: tl.constexpr, WPL: tl.constexpr, FOLD_K: tl.constexpr):
     """Physical channel of reduction index ``k`` of the K operand (and of Q): lane ``c = (k // 2) % 4`` holds the
     ``WPL`` words ``c * WPL ..`` of each key row; the two codes of one register (``k % 2``) are neighbouring
-    channels, or with ``FOLD_K`` channels ``p`` and ``p + 4`` of a word (:data:`SUBNORMAL_ASM_4`)."""
+    channels, or with ``FOLD_K`` channels ``p`` and ``p + 4`` of a word (:func:`_k_subnormal_asm`)."""
     j0 = k % 2
     c = (k // 2) % 4
     jh = (k // 8) % (PPW // 2)
@@ -339,8 +339,8 @@ def _load_v_words(vcw, base, vkp, vwi, DU: tl.constexpr):
 
 def layouts(bits: int, dp: int, block_n: int = 64) -> dict:
     """The constexpr layouts of :func:`_walk_kernel` (one warp): the MMA accumulator and the layouts in which K's
-    and V's code words are loaded, chosen so that the unpacked codes land in the MMA operand layouts (None under
-    the interpreter, which ignores layouts)."""
+    and V's code words (KW, VW) and K's per-channel bytes (CW) are loaded, chosen so that the unpacked values land in
+    the MMA operand layouts (None under the interpreter, which ignores layouts)."""
     if INTERPRET or GLUON_ERROR:
         return dict(MMA=None, KW=None, VW=None, CW=None)
     from triton.experimental.gluon import language as g
@@ -490,7 +490,7 @@ def _walk_kernel(q_ptr, sqb, sqh, sqd, q_mult, Hq,
     bh = b * HB + j
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, gl.SliceLayout(0, MMA))
     l_i = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(0, MMA))
-    z_i = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(0, MMA))  # running sum_n p z (V's zero point)
+    z_i = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(0, MMA))  # V's zero point: running sum_n fp16(p s2) z / s2 vsc
     acc = gl.zeros([DP, BLOCK_H], gl.float32, MMA)
     # software prefetch: the next tile's K words (PREFETCH >= 1) and V words (PREFETCH 2) are read while this tile
     # is computed; without it a tile's words are read at the top of its iteration
