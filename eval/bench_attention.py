@@ -81,11 +81,12 @@ def ceilings():
 
 def decode_notes() -> str:
     """The decode table's notes (what each 'walk' runs and when decode_layer picks the MMA walk)."""
-    from hf_turbo.kernels.decode_mma import AUTO_MIN_PAIRS, AUTO_MIN_TILES
+    from hf_turbo.kernels.decode_mma import AUTO_LONG_TILES, AUTO_MIN_PAIRS, AUTO_MIN_TILES
 
     return ("ours (walk 'triton'): one decode launch per layer for all its bit-width pools (Q and the FP16 tail "
             "quantized inside it, split contexts merged by the last split); walk 'mma' (decode_layer's automatic "
-            f"choice at >= {AUTO_MIN_PAIRS} sequence x KV-head pairs and >= {AUTO_MIN_TILES} pair-tiles): "
+            f"choice at >= {AUTO_MIN_TILES} pair-tiles and >= {AUTO_MIN_PAIRS} sequence x KV-head pairs or >= "
+            f"{AUTO_LONG_TILES} pair-tiles): "
             "kernels/decode_mma attends to the compressed blocks, one launch per pool, then the Triton launch adds "
             "the tail and merges; eager calls, so small cases include the host launch cost (decode_tuning.json has "
             "CUDA-graph times)")
@@ -185,10 +186,15 @@ def _decode_layer(cfg, b, hkv, ctx, d):
 
     layer = TurboLayer(cfg)
     step = 8192
+
+    def append(n):  # as turbo attention does: no dequantized copy of the context (B=64 128k would not fit)
+        layer.update(torch.randn(b, hkv, n, d, device="cuda").half(), torch.randn(b, hkv, n, d, device="cuda").half(),
+                     turbo_reader=True)
+
     for t0 in range(0, ctx, step):
-        n = min(step, ctx - t0)
-        layer.update(torch.randn(b, hkv, n, d, device="cuda").half(), torch.randn(b, hkv, n, d, device="cuda").half())
-    layer.update(torch.randn(b, hkv, 1, d, device="cuda").half(), torch.randn(b, hkv, 1, d, device="cuda").half())
+        append(min(step, ctx - t0))
+        layer.release_step()
+    append(1)
     return layer
 
 

@@ -10,6 +10,16 @@
    on CUDA against the reference on CPU is the floor (no kernels: only the devices' rounding differs). With
    ``--dtype float32`` the model's matmuls on the GPU are the CPU reference's (TF32 off), so the answers differ
    only where the attention kernels differ from the reference; in float16 the whole model's rounding differs too.
+3. Next-token choices along the CPU reference's answers (the tokens forced, computed the way generation does: the
+   prompt's prefill, then one decode step per token through a fresh TurboQuantCache): at how many positions the
+   kernels pick the CPU reference's token, how far their logits are from the CPU reference's, and, where they pick
+   another token, the CPU reference's own margin between the two (a near-tie, or not). The reference on CUDA gets
+   the same treatment: the floor.
+4. What one rounding does (CPU, no kernels): the CPU reference with every weight moved by about one float32
+   rounding (``1 + 2^-24 N(0, 1)``) against itself unmoved -- through the quantized cache its logits move by up to
+   ~2 (a code that sat next to a rounding boundary flips), through full-precision SDPA by ~1e-4. The kernels'
+   answers count as the CPU reference's when every next token they choose differently is one where the CPU
+   reference's own margin is below that move (``same_answers_up_to_one_rounding``).
 Writes eval/results/gpu_smollm2.json.
 """
 
@@ -77,6 +87,73 @@ def generate(model, tok, prompt, new_tokens, **turbo):
     return run_generation(model, tok, prompt, method="turbo", max_new_tokens=new_tokens, **turbo).new_token_ids
 
 
+def forced_logits(model, tok, prompt: str, tokens: list[int]) -> torch.Tensor:
+    """``[len(tokens), vocab]`` float32 (CPU): the next-token logits before each of ``tokens`` on the greedy path that
+    emits them -- the chat prompt's prefill, then one decode step per token, through turbo attention and a fresh
+    TurboQuantCache (the computation :func:`generate` does, with the tokens forced instead of chosen)."""
+    from hf_turbo.generate import encode_prompt
+
+    device = next(model.parameters()).device
+    ids = encode_prompt(tok, prompt).to(device)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("turbo")
+    cache = TurboQuantCache(model.config)
+    rows = []
+    try:
+        with torch.inference_mode():
+            for step in [ids] + [torch.tensor([[t]], device=device) for t in tokens[:-1]]:
+                logits = model(step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                rows.append(logits[0, -1].float().cpu())
+    finally:
+        model.set_attn_implementation(previous)
+    return torch.stack(rows)
+
+
+def sdpa_logits(model, tok, prompt: str, tokens: list[int]) -> torch.Tensor:
+    """:func:`forced_logits` through full-precision SDPA and no cache: one forward of the prompt and ``tokens``."""
+    from hf_turbo.generate import encode_prompt
+
+    ids = encode_prompt(tok, prompt)
+    full = torch.cat([ids, torch.tensor([tokens[:-1]], dtype=ids.dtype)], dim=1).to(next(model.parameters()).device)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            return model(full).logits[0, ids.shape[1] - 1 :].float().cpu()
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def moved_by_one_rounding(model, seed: int = 0):
+    """A copy of ``model`` with every weight multiplied by ``1 + 2^-24 N(0, 1)``: about one float32 rounding each."""
+    import copy
+
+    moved = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in moved.parameters():
+            w.mul_(1 + 2.0**-24 * torch.randn(w.shape, generator=gen).to(w.device, w.dtype))
+    return moved
+
+
+def next_token_agreement(logits: torch.Tensor, reference: torch.Tensor, tokens: list[int]) -> dict:
+    """Compare ``logits`` with the CPU ``reference`` logits (both ``[n, vocab]``) along the reference's greedy
+    ``tokens``: positions where ``logits`` picks the same token, the largest logit difference, and at each
+    position where it picks another token the reference's margin ``reference[t, tokens[t]] - reference[t, pick]``
+    (>= 0; small: a near-tie of the reference itself)."""
+    tokens_t = torch.tensor(tokens)
+    if not torch.equal(reference.argmax(-1), tokens_t):
+        raise RuntimeError("the CPU reference's forced logits do not reproduce its own greedy answer")
+    pick = logits.argmax(-1)
+    rows = torch.arange(len(tokens))
+    margins = (reference[rows, tokens_t] - reference[rows, pick])[pick != tokens_t]
+    top2 = reference.topk(2, dim=-1).values
+    return {"positions": len(tokens), "same_next_token": int((pick == tokens_t).sum()),
+            "max_logit_diff": float((logits - reference).abs().max()),
+            "reference_margins_at_disagreements": [float(m) for m in margins],
+            "reference_min_top2_margin": float((top2[:, 0] - top2[:, 1]).min())}
+
+
 def main(argv=None) -> int:
     from hf_turbo.eval.results import write_result
 
@@ -111,12 +188,25 @@ def main(argv=None) -> int:
             rows.append({"check": f"kernel vs reference, real activations, {phase}", "int2_fraction": frac,
                          "layers_x_steps": len(errs), "max_rel_l2": max(errs), "mean_rel_l2": sum(errs) / len(errs)})
     agree = {"kernels_vs_cuda_reference": [], "kernels_vs_cpu_reference": [], "cuda_reference_vs_cpu_reference": []}
+    forced = {"kernels": [], "cuda_reference": [], "cpu_reference_moved_by_one_rounding": []}
+    sdpa_moved = []
     cpu_model, _ = load_model(device="cpu", dtype=torch.float32)
+    cpu_moved = moved_by_one_rounding(cpu_model)
     for prompt in PROMPTS:
         a = generate(model, tok, prompt, args.new_tokens)
         with reference_only():
             b = generate(model, tok, prompt, args.new_tokens)
         c = generate(cpu_model, tok, prompt, args.new_tokens)
+        on_cpu = forced_logits(cpu_model, tok, prompt, c)
+        forced["kernels"].append({"prompt": prompt, **next_token_agreement(forced_logits(model, tok, prompt, c), on_cpu, c)})
+        with reference_only():
+            on_cuda = forced_logits(model, tok, prompt, c)
+        forced["cuda_reference"].append({"prompt": prompt, **next_token_agreement(on_cuda, on_cpu, c)})
+        moved = forced_logits(cpu_moved, tok, prompt, c)
+        forced["cpu_reference_moved_by_one_rounding"].append({"prompt": prompt,
+                                                              **next_token_agreement(moved, on_cpu, c)})
+        sdpa_moved.append(float((sdpa_logits(cpu_moved, tok, prompt, c) - sdpa_logits(cpu_model, tok, prompt, c))
+                                .abs().max()))
         for key, x, y in (("kernels_vs_cuda_reference", a, b), ("kernels_vs_cpu_reference", a, c),
                           ("cuda_reference_vs_cpu_reference", b, c)):
             n = min(len(x), len(y))
@@ -128,12 +218,27 @@ def main(argv=None) -> int:
         rows.append({"check": f"generation, {key}", "int2_fraction": 0.0, "layers_x_steps": len(items),
                      "max_rel_l2": None, "mean_rel_l2": None,
                      "identical_answers": sum(i["same"] for i in items)})
+    for key, items in forced.items():
+        margins = [m for i in items for m in i["reference_margins_at_disagreements"]]
+        rows.append({"check": f"next token along the CPU reference's answers, {key}", "int2_fraction": 0.0,
+                     "layers_x_steps": sum(i["positions"] for i in items),
+                     "same_next_token": sum(i["same_next_token"] for i in items),
+                     "max_logit_diff": max(i["max_logit_diff"] for i in items),
+                     "max_reference_margin_at_disagreement": max(margins, default=None)})
+    rows.append({"check": "full-precision SDPA (no cache), CPU, moved by one rounding", "int2_fraction": None,
+                 "layers_x_steps": len(sdpa_moved), "max_logit_diff": max(sdpa_moved)})
+    one_rounding = max(i["max_logit_diff"] for i in forced["cpu_reference_moved_by_one_rounding"])
+    worst = max((m for i in forced["kernels"] for m in i["reference_margins_at_disagreements"]), default=0.0)
+    verdict = {"one_rounding_max_logit_move": one_rounding, "kernels_max_reference_margin_at_disagreement": worst,
+               "same_answers_up_to_one_rounding": worst < one_rounding}
     write_result(args.name, rows,
                  title=f"SmolLM2-135M end to end on the GPU ({args.dtype}): Triton kernels vs the reference",
-                 columns=["check", "int2_fraction", "layers_x_steps", "max_rel_l2", "mean_rel_l2", "identical_answers"],
-                 extra={"generation": agree}, out_dir=Path(args.out_dir) if args.out_dir else None)
+                 columns=["check", "int2_fraction", "layers_x_steps", "max_rel_l2", "mean_rel_l2", "identical_answers",
+                          "same_next_token", "max_logit_diff", "max_reference_margin_at_disagreement"],
+                 extra={"verdict": verdict, "generation": agree, "forced": forced, "sdpa_moved_max_logit_diff": sdpa_moved}, out_dir=Path(args.out_dir) if args.out_dir else None)
     for r in rows:
         print(r)
+    print("verdict", verdict)
     for key, items in agree.items():
         for i in items:
             print(key, i["same"], i["first_diff"], repr(i["answer"][:80]))

@@ -45,6 +45,8 @@ def render_one(record: dict, results_dir: Path) -> str:
         for row in record.get("rows", []):
             lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
         lines.append("")
+    if record.get("verdict"):  # a script's own pass/fail reading of its figures
+        lines += ["Verdict: " + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in record["verdict"].items()), ""]
     if record.get("notes"):
         lines += [record["notes"], ""]
     png = results_dir / f"{record['name']}.png"

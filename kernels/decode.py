@@ -42,7 +42,7 @@ import triton.language as tl
 from ._common import next_pow2, stage1_codes, stage1_inv, stage1_scale
 from ._launch import CachedLauncher, resident_per_sm
 from ._tiles import load_packed_raw, online_update, prep_v, qk_dot, rebuild_packed, rebuild_packed_f16
-from .decode_mma import bind_walk, walk_choice
+from .decode_mma import WALK_MAX_SPLIT, bind_walk, walk_choice
 from .prefill import LOG2E, PV_MODES, exp_constants
 
 
@@ -143,11 +143,11 @@ def _decode_kernel(
     else:
         lo: tl.constexpr = False  # one pool: the second pool's branches are not compiled
     if lo:
-        b = (pid - NB * HB) // HB_LO
+        b = ((pid - NB * HB) // HB_LO).to(tl.int64)  # 64-bit offsets: a pool can pass 2^31 bytes
         j = (pid - NB * HB) % HB_LO
         h = tl.load(lo_hmap_ptr + j)
     else:
-        b = pid // HB
+        b = (pid // HB).to(tl.int64)
         j = pid % HB
         h = tl.load(hmap_ptr + j)
     r = tl.arange(0, BLOCK_M)
@@ -285,22 +285,29 @@ def _tail_rows(buf_ptr, sb, sh, st, sd, new_ptr, nb, nh, nt, nd, mu_ptr, smb, sm
 def _merge_splits(acc_ptr, m_ptr, l_ptr, row, rvalid, d, NSPLIT,
                   BLOCK_M: tl.constexpr, DP: tl.constexpr, EXP_MODE: tl.constexpr):
     """Log-sum-exp merge of the ``NSPLIT`` partial ``(acc, m, l)`` of rows ``row``: the normalized output, float32
-    ``[BLOCK_M, DP]``. The partial maxima are in log2 units (natural units for SAS base e, EXP_MODE 1)."""
+    ``[BLOCK_M, DP]``. The partial maxima are in log2 units (natural units for SAS base e, EXP_MODE 1). The partials
+    are read ``CH`` at a time (independent loads in flight together: the merge is latency-bound, one program per
+    (sequence, KV head))."""
+    CH: tl.constexpr = 4
     to_log2 = 1.4426950408889634 if EXP_MODE == 1 else 1.0  # log2(e)
     mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for sp in range(NSPLIT):
-        m = tl.load(m_ptr + row * NSPLIT + sp, mask=rvalid, other=float("-inf"), cache_modifier=".cg")
-        mx = tl.maximum(mx, m)
+    for sp0 in range(0, NSPLIT, CH):
+        for u in tl.static_range(CH):
+            ok = rvalid & (sp0 + u < NSPLIT)
+            mx = tl.maximum(mx, tl.load(m_ptr + row * NSPLIT + sp0 + u, mask=ok, other=float("-inf"),
+                                        cache_modifier=".cg"))
     mx = tl.where(mx == float("-inf"), 0.0, mx)
     num = tl.zeros([BLOCK_M, DP], tl.float32)
     den = tl.zeros([BLOCK_M], tl.float32)
-    for sp in range(NSPLIT):
-        prow = row * NSPLIT + sp
-        m = tl.load(m_ptr + prow, mask=rvalid, other=float("-inf"), cache_modifier=".cg")
-        w = tl.where(m == float("-inf"), 0.0, tl.exp2((m - mx) * to_log2))
-        den += w * tl.load(l_ptr + prow, mask=rvalid, other=0.0, cache_modifier=".cg")
-        num += w[:, None] * tl.load(acc_ptr + prow[:, None] * DP + d[None, :], mask=rvalid[:, None], other=0.0,
-                                    cache_modifier=".cg")
+    for sp0 in range(0, NSPLIT, CH):
+        for u in tl.static_range(CH):
+            prow = row * NSPLIT + sp0 + u
+            ok = rvalid & (sp0 + u < NSPLIT)
+            m = tl.load(m_ptr + prow, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            w = tl.where(m == float("-inf"), 0.0, tl.exp2((m - mx) * to_log2))
+            den += w * tl.load(l_ptr + prow, mask=ok, other=0.0, cache_modifier=".cg")
+            num += w[:, None] * tl.load(acc_ptr + prow[:, None] * DP + d[None, :], mask=ok[:, None], other=0.0,
+                                        cache_modifier=".cg")
     return tl.where(den[:, None] > 0, num / tl.maximum(den, 1e-30)[:, None], 0.0)
 
 
@@ -526,7 +533,8 @@ def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=Non
     written in ``[B, Sq, Hq, D]`` memory order (returned as a ``[B, Hq, Sq, D]`` view: transformers' layout is then
     free).
 
-    ``split``: context splits (default :func:`choose_split`: the fewest waves of programs, at most ``max_split``;
+    ``split``: context splits (default :func:`choose_split`: the fewest waves of programs, at most ``max_split``, or
+    for the MMA walk at most ``max(max_split, decode_mma.WALK_MAX_SPLIT)``;
     ``split_mult``: the older rule of that many programs per SM; with one split, the program normalizes and writes
     the output itself); ``prefetch``: issue the next packed tile's reads before computing on this one; ``fold_v``:
     FP16 PV on the INT8 codes with the V scale applied after the product; ``rebuild`` (with ``fold_v`` and FP16 PV):
@@ -557,7 +565,7 @@ def decode_layer(query, layer, *, sm_scale, causal, pad=None, sliding_window=Non
         ext = split or plan.splits.get(("walk", n_comp, max_split))
         if ext is None:
             ext = choose_split(bsz, min(h.numel() for h in plan.maps.values()), n_comp * plan.tiles_per_block,
-                               on_gpu, None, max_split, plan.walk_resident, dev)  # one launch per pool
+                               on_gpu, None, max(max_split, WALK_MAX_SPLIT), plan.walk_resident, dev)  # per pool
             if plan.walk_resident is not None or not on_gpu:
                 plan.splits[("walk", n_comp, max_split)] = ext
         plan.walk(layer, query, pad, ext, q_start, dev if on_gpu else None)

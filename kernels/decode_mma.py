@@ -318,9 +318,9 @@ def _v_channel(n, PPW: tl.constexpr, WPG: tl.constexpr):
 
 
 @jit
-def _tile_base(bh, ti, CAP, TPB: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, DU: tl.constexpr):
-    """Word offset of compressed tile ``ti`` of pool row ``bh`` in a code pool (``[rows, CAP, BS, DU]`` words)."""
-    return (bh * CAP + ti // TPB) * (BS * DU) + (ti % TPB) * BLOCK_N * DU
+def _tile_base(ti, TPB: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, DU: tl.constexpr):
+    """Word offset of compressed tile ``ti`` from the start of its pool row (``[CAP, BS, DU]`` words)."""
+    return (ti // TPB) * (BS * DU) + (ti % TPB) * BLOCK_N * DU
 
 
 @jit
@@ -480,30 +480,38 @@ def _walk_kernel(q_ptr, sqb, sqh, sqd, q_mult, Hq,
         k_inv = gl.exp2(-(BITS * (ka % PPB)).to(gl.float32))
         k_mul = k_inv.to(gl.float16)
         k_add = (-1024.0 * k_inv).to(gl.float16)
-    kcw = kc_ptr.to(gl.pointer_type(gl.int32))
-    vcw = vc_ptr.to(gl.pointer_type(gl.int32))
+    # the pair's pool row (blocks [row0, row0 + CAP)): its offsets in 64 bits, once (a pool passes 2^31 bytes at
+    # B=64 128k), the tile offsets from there in 32 bits
+    row0 = (b.to(gl.int64) * HB + j) * CAP
+    kcw = kc_ptr.to(gl.pointer_type(gl.int32)) + row0 * (BS * DU)
+    vcw = vc_ptr.to(gl.pointer_type(gl.int32)) + row0 * (BS * DU)
+    ks_ptr += row0
+    vs_ptr += row0
+    ks2_ptr += row0 * DP
+    kz_ptr += row0 * DP
+    vs2_ptr += row0 * BS
+    vz_ptr += row0 * BS
 
     n_ct = n_comp * TPB
     tps = (n_ct + NSPLIT - 1) // NSPLIT
     t_begin = sp * tps
     t_end = gl.minimum(t_begin + tps, n_ct)
-    bh = b * HB + j
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, gl.SliceLayout(0, MMA))
     l_i = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(0, MMA))
     z_i = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(0, MMA))  # V's zero point: running sum_n fp16(p s2) z / s2 vsc
     acc = gl.zeros([DP, BLOCK_H], gl.float32, MMA)
     # software prefetch: the next tile's K words (PREFETCH >= 1) and V words (PREFETCH 2) are read while this tile
     # is computed; without it a tile's words are read at the top of its iteration
-    t0 = _tile_base(bh, gl.minimum(t_begin, n_ct - 1), CAP, TPB, BS, BLOCK_N, DU)
+    t0 = _tile_base(gl.minimum(t_begin, n_ct - 1), TPB, BS, BLOCK_N, DU)
     if PREFETCH >= 1:
         kwd_next = _load_k_words(kcw, t0, kn, kwi, DU)
     if PREFETCH >= 2:
         wa_next, wb_next = _load_v_words(vcw, t0, vkp, vwi, DU)
     for ti in range(t_begin, t_end):
-        slot = bh * CAP + ti // TPB
+        slot = ti // TPB  # block within the pair's row
         r0 = (ti % TPB) * BLOCK_N
-        base = _tile_base(bh, ti, CAP, TPB, BS, BLOCK_N, DU)
-        nxt = _tile_base(bh, gl.minimum(ti + 1, t_end - 1), CAP, TPB, BS, BLOCK_N, DU)
+        base = _tile_base(ti, TPB, BS, BLOCK_N, DU)
+        nxt = _tile_base(gl.minimum(ti + 1, t_end - 1), TPB, BS, BLOCK_N, DU)
         if PREFETCH >= 1:
             kwd = kwd_next
             kwd_next = _load_k_words(kcw, nxt, kn, kwi, DU)
@@ -586,11 +594,13 @@ def _walk_kernel(q_ptr, sqb, sqh, sqd, q_mult, Hq,
     gl.store(acc_ptr + prow[None, :] * DP + och[:, None], out, mask=hvalid[None, :])
 
 
-# "auto" runs the walk with at least this many (sequence, KV head) pairs and (pairs x compressed tiles): its
-# one-warp programs need enough pairs to fill the GPU within 32 splits, and the second launch must pay (H100, eager
-# calls, 32 q / 8 kv heads, hd 128, 4-bit, walk vs Triton kernel: B=1 32k 76 vs 67 us, B=2 32k 82 vs 96, B=4 4k 38
-# vs 35, B=8 4k 47 vs 52, B=16 4k 60 vs 83; kernels/NOTES.md)
+# "auto" runs the walk with at least AUTO_MIN_TILES (pairs x compressed tiles) and either AUTO_MIN_PAIRS (sequence,
+# KV head) pairs or AUTO_LONG_TILES: its one-warp programs need enough pairs, or enough tiles to split into many
+# programs, to fill the GPU, and the second launch must pay (H100, eager calls, 32 q / 8 kv heads, hd 128, 4-bit,
+# walk vs Triton kernel: B=1 32k 63 vs 61 us, B=1 128k 118 vs 176, B=2 32k 73 vs 94, B=4 4k 34 vs 34, B=4 32k 91 vs
+# 165, B=8 4k 47 vs 52, B=16 4k 60 vs 83; kernels/NOTES.md)
 AUTO_MIN_PAIRS = 16
+AUTO_LONG_TILES = 16384
 AUTO_MIN_TILES = 4096
 
 
@@ -640,9 +650,14 @@ def walk_choice(walk: str, query, layer, *, fold_v: bool, rebuild: str, on_gpu: 
         return True
     pairs = query.shape[0] * layer.num_heads
     tiles = pairs * layer.blocks_before * (layer.turbo.block_size // layer.turbo.block_n)
-    return on_gpu and reason is None and pairs >= AUTO_MIN_PAIRS and tiles >= AUTO_MIN_TILES
+    return (on_gpu and reason is None and tiles >= AUTO_MIN_TILES
+            and (pairs >= AUTO_MIN_PAIRS or tiles >= AUTO_LONG_TILES))
 
 
+# the walk splits a context into at most this many programs per (sequence, KV head) (decode_layer's max_split, if
+# larger, wins): at batch 1 its one-warp programs fill the GPU only with many splits (B=1 128k: 32 / 64 / 128 splits
+# 178 / 123 / 118 us; the merge reads the partials four at a time)
+WALK_MAX_SPLIT = 128
 PREFETCH = 0  # software prefetch of the next tile's words: 0 none, 1 K, 2 K and V (none is fastest: kernels/NOTES.md)
 _WALK = CachedLauncher(_walk_kernel)  # launched once per layer and pool per token: see _launch.py
 # runtime arguments of _walk_kernel that change from step to step (the rest are fixed for a layer's pools)

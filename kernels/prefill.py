@@ -78,7 +78,7 @@ def _prefill_kernel(
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid = tl.program_id(1)
     hq_local = pid % (HB * G)
-    b = pid // (HB * G)
+    b = (pid // (HB * G)).to(tl.int64)  # 64-bit offsets: Q, the output and a pool can pass 2^31 elements
     j = hq_local // G
     g = hq_local % G
     h = tl.load(hmap_ptr + j)  # global KV head
@@ -164,8 +164,8 @@ def _prefill_kernel(
         t_lo = tl.maximum(t_lo, 0)
         lo = t_lo // BLOCK_N
         hi = (t_hi + BLOCK_N - 1) // BLOCK_N
-        base = (b * HKV + h).to(tl.int64) * T_seg * D
-        v_bh = v8_ptr + b.to(tl.int64) * svb + h * svh
+        base = (b * HKV + h) * T_seg * D
+        v_bh = v8_ptr + b * svb + h * svh
         lo_full, mid = _full_tiles(lo, hi, seg_start, T_seg, pad_b, first_q, last_q, window,
                                    BLOCK_N, CAUSAL, HAS_PAD, HAS_WINDOW)
         for phase in tl.static_range(3):

@@ -35,7 +35,7 @@ def _stage1_kernel(
 ):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # 64-bit offsets: a [B, H, T, D] tensor can pass 2^31 elements
     h = bh % H
     t = blk * BLOCK + tl.arange(0, BLOCK)
     d = tl.arange(0, DP)
@@ -134,7 +134,7 @@ def _compress_kernel(
 ):
     blk = tl.program_id(0)
     bj = tl.program_id(1)
-    b = bj // HB
+    b = (bj // HB).to(tl.int64)  # 64-bit offsets: a pool passes 2^31 bytes at B=64, 128k, 8 heads
     j = bj % HB
     h = tl.load(hmap_ptr + j)
     rows = tl.arange(0, BLOCK)

@@ -22,3 +22,13 @@ def test_source_digest_follows_the_sources(tmp_path):
 
 def test_environment_records_the_source_digest():
     assert results.environment()["versions"]["source"] == results.source_digest()
+
+
+def test_report_renders_a_verdict(tmp_path):
+    from hf_turbo.eval import report
+
+    record = {"name": "x", "title": "X", "columns": ["a"], "rows": [{"a": 1.5}],
+              "verdict": {"same": True, "worst": 0.25}}
+    text = report.render_one(record, tmp_path)
+    assert "| 1.50 |" in text
+    assert "Verdict: `same` = True, `worst` = 0.25" in text

@@ -110,13 +110,15 @@ def test_attend_layer_real_size(d, frac, sq, res):
 
 
 @pytest.mark.parametrize("frac", [0.0, 0.5])
-def test_mma_walk_long_context(frac):
-    """The MMA walk at the benchmark's shape (32 q / 8 kv heads, hd 128, 32k context, a batch of 4): against the
+@pytest.mark.parametrize("b,ctx", [(4, 32768), (1, 131072)])
+def test_mma_walk_long_context(frac, b, ctx):
+    """The MMA walk at the benchmark's shape (32 q / 8 kv heads, hd 128, 32k context and a batch of 4, or 128k and
+    batch 1: "auto" picks the walk there for its length and splits it up to WALK_MAX_SPLIT ways): against the
     reference (one split) and exact attention (automatic split), and against the Triton walk."""
-    from hf_turbo.kernels import attend_layer
+    from hf_turbo.kernels import attend_layer, decode_mma
 
     cfg = TurboConfig(int2_fraction=frac)
-    b, hq, hkv, d, ctx = 4, 32, 8, 128, 32768
+    hq, hkv, d = 32, 8, 128
     layer = _layer(cfg, b, hkv, d, [ctx, 1])
     q = torch.randn(b, hq, 1, d, device="cuda").half()
     ref = turbo_attention_reference(q, layer.attention_segments(), sm_scale=d**-0.5, causal=True, **_kw(cfg))
@@ -129,6 +131,45 @@ def test_mma_walk_long_context(frac):
     ex = exact_attention(q, kk, vv, sm_scale=d**-0.5, causal=True)
     assert _rel(out_m, ex) <= 1.5 * _rel(ref, ex) + 2e-3
     assert _rel(out_m, out_t) <= 2e-3
+    if b == 1:  # the long-context branch of "auto", and a split count the merge reads in a partial group of four
+        assert decode_mma.walk_choice("auto", q, layer, fold_v=True, rebuild="words", on_gpu=True)
+        layer.kernel_cache.clear()
+        assert _rel(attend_layer(q, layer, sm_scale=d**-0.5, causal=True, split=127, walk="mma"), out_m) <= 2e-3
+
+
+def test_offsets_past_2_31():
+    """Tensors and pools of more than 2^31 elements (the kernels index them in 64 bits): the last sequence of a big
+    batch gives bit for bit what the same sequence gives alone. Prefill: Q, K, V and the output of 129 x 8 heads x
+    16k x 128 (2.2e9 elements each). Decode: a 4-bit pool of 40 sequences x 8 KV heads x 128k (K's codes 2.7e9
+    bytes) -- its blocks, and the Triton and MMA walks over it."""
+    from hf_turbo.kernels import attend_layer, prefill
+
+    cfg = TurboConfig(k_smooth=False)  # K smoothing's mean is a reduction over the batch's tensor: off, to compare
+    d = 128
+    q, k, v = (torch.randn(129, 8, 16384, d, device="cuda").half() for _ in range(3))
+    out = prefill(q, k, v, cfg, sm_scale=d**-0.5, causal=True)
+    alone = prefill(q[-1:].clone(), k[-1:].clone(), v[-1:].clone(), cfg, sm_scale=d**-0.5, causal=True)
+    assert torch.equal(out[-1:], alone)
+    del q, k, v, out
+    torch.cuda.empty_cache()
+
+    b, hq, hkv, ctx = 40, 32, 8, 131072
+    big, one = TurboLayer(cfg), TurboLayer(cfg)
+    for n in [8192] * (ctx // 8192) + [1]:
+        kk, vv = (torch.randn(b, hkv, n, d, device="cuda").half() for _ in range(2))
+        big.update(kk, vv, turbo_reader=True)
+        one.update(kk[-1:].clone(), vv[-1:].clone(), turbo_reader=True)
+        if n > 1:
+            big.release_step()
+            one.release_step()
+    del kk, vv
+    assert big.pools[4]["k_codes"].numel() > 2**31
+    for name, t in one.pools[4].items():
+        assert torch.equal(big.pools[4][name][-1:, :, : one.n_blocks], t[:, :, : one.n_blocks]), name
+    q = torch.randn(b, hq, 1, d, device="cuda").half()
+    for walk in ("triton", "mma"):
+        out = attend_layer(q, big, sm_scale=d**-0.5, causal=True, split=8, walk=walk)
+        assert torch.equal(out[-1:], attend_layer(q[-1:], one, sm_scale=d**-0.5, causal=True, split=8, walk=walk))
 
 
 def test_kernel_dispatch_through_ops():
