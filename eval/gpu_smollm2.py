@@ -154,6 +154,70 @@ def next_token_agreement(logits: torch.Tensor, reference: torch.Tensor, tokens: 
             "reference_min_top2_margin": float((top2[:, 0] - top2[:, 1]).min())}
 
 
+def activation_rows(model, ids: torch.Tensor) -> list[dict]:
+    """Kernel vs reference on the same layer state, over real activations ``ids [1, T]``: a prefill of all but the
+    last 8 tokens, then 8 decode steps; per phase and INT2 fraction the max and mean relative L2 over layers."""
+    rows = []
+    for frac in (0.0, 0.5):
+        errors: list = []
+        cache = TurboQuantCache(model.config, int2_fraction=frac)
+        with torch.inference_mode(), compare_each_layer(errors):
+            model(ids[:, :-8], past_key_values=cache)
+            for i in range(8):  # decode steps over the compressed blocks + buffer
+                model(ids[:, ids.shape[1] - 8 + i : ids.shape[1] - 7 + i], past_key_values=cache)
+        for phase, sel in (("prefill", lambda e: e["q_len"] > 1), ("decode", lambda e: e["q_len"] == 1)):
+            errs = [e["rel_l2"] for e in errors if sel(e)]
+            rows.append({"check": f"kernel vs reference, real activations, {phase}", "int2_fraction": frac,
+                         "layers_x_steps": len(errs), "max_rel_l2": max(errs), "mean_rel_l2": sum(errs) / len(errs)})
+    return rows
+
+
+def answer_rows(model, cpu_model, tok, new_tokens: int) -> tuple[list[dict], dict]:
+    """Greedy answers to :data:`PROMPTS` with the kernels, the reference on CUDA and the reference on CPU, and the
+    next-token choices along the CPU reference's answers (see the module docstring, 2-4). Returns the table rows
+    and ``{"verdict", "generation", "forced", "sdpa_moved_max_logit_diff"}``."""
+    agree = {"kernels_vs_cuda_reference": [], "kernels_vs_cpu_reference": [], "cuda_reference_vs_cpu_reference": []}
+    forced = {"kernels": [], "cuda_reference": [], "cpu_reference_moved_by_one_rounding": []}
+    sdpa_moved = []
+    cpu_moved = moved_by_one_rounding(cpu_model)
+    for prompt in PROMPTS:
+        a = generate(model, tok, prompt, new_tokens)
+        with reference_only():
+            b = generate(model, tok, prompt, new_tokens)
+        c = generate(cpu_model, tok, prompt, new_tokens)
+        on_cpu = forced_logits(cpu_model, tok, prompt, c)
+        with reference_only():
+            on_cuda = forced_logits(model, tok, prompt, c)
+        for key, logits in (("kernels", forced_logits(model, tok, prompt, c)), ("cuda_reference", on_cuda),
+                            ("cpu_reference_moved_by_one_rounding", forced_logits(cpu_moved, tok, prompt, c))):
+            forced[key].append({"prompt": prompt, **next_token_agreement(logits, on_cpu, c)})
+        sdpa_moved.append(float((sdpa_logits(cpu_moved, tok, prompt, c) - sdpa_logits(cpu_model, tok, prompt, c))
+                                .abs().max()))
+        for key, x, y in (("kernels_vs_cuda_reference", a, b), ("kernels_vs_cpu_reference", a, c),
+                          ("cuda_reference_vs_cpu_reference", b, c)):
+            n = min(len(x), len(y))
+            first_diff = next((i for i in range(n) if x[i] != y[i]), n)
+            agree[key].append({"prompt": prompt, "same": x == y, "first_diff": first_diff, "n": n,
+                               "answer": tok.decode(x, skip_special_tokens=True),
+                               "other": tok.decode(y, skip_special_tokens=True)})
+    rows = [{"check": f"generation, {key}", "int2_fraction": 0.0, "layers_x_steps": len(items),
+             "identical_answers": sum(i["same"] for i in items)} for key, items in agree.items()]
+    for key, items in forced.items():
+        margins = [m for i in items for m in i["reference_margins_at_disagreements"]]
+        rows.append({"check": f"next token along the CPU reference's answers, {key}", "int2_fraction": 0.0,
+                     "layers_x_steps": sum(i["positions"] for i in items),
+                     "same_next_token": sum(i["same_next_token"] for i in items),
+                     "max_logit_diff": max(i["max_logit_diff"] for i in items),
+                     "max_reference_margin_at_disagreement": max(margins, default=None)})
+    rows.append({"check": "full-precision SDPA (no cache), CPU, moved by one rounding", "int2_fraction": None,
+                 "layers_x_steps": len(sdpa_moved), "max_logit_diff": max(sdpa_moved)})
+    one_rounding = max(i["max_logit_diff"] for i in forced["cpu_reference_moved_by_one_rounding"])
+    worst = max((m for i in forced["kernels"] for m in i["reference_margins_at_disagreements"]), default=0.0)
+    verdict = {"one_rounding_max_logit_move": one_rounding, "kernels_max_reference_margin_at_disagreement": worst,
+               "same_answers_up_to_one_rounding": worst < one_rounding}
+    return rows, {"verdict": verdict, "generation": agree, "forced": forced, "sdpa_moved_max_logit_diff": sdpa_moved}
+
+
 def main(argv=None) -> int:
     from hf_turbo.eval.results import write_result
 
@@ -175,73 +239,20 @@ def main(argv=None) -> int:
     model, tok = load_model(device=args.device, dtype=dtype)
     text = Path(args.text).read_text() if Path(args.text).is_file() else " ".join(PROMPTS) * 50
     ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens].to(args.device)
-    rows = []
-    for frac in (0.0, 0.5):
-        errors: list = []
-        cache = TurboQuantCache(model.config, int2_fraction=frac)
-        with torch.inference_mode(), compare_each_layer(errors):
-            model(ids[:, :-8], past_key_values=cache)
-            for i in range(8):  # decode steps over the compressed blocks + buffer
-                model(ids[:, ids.shape[1] - 8 + i : ids.shape[1] - 7 + i], past_key_values=cache)
-        for phase, sel in (("prefill", lambda e: e["q_len"] > 1), ("decode", lambda e: e["q_len"] == 1)):
-            errs = [e["rel_l2"] for e in errors if sel(e)]
-            rows.append({"check": f"kernel vs reference, real activations, {phase}", "int2_fraction": frac,
-                         "layers_x_steps": len(errs), "max_rel_l2": max(errs), "mean_rel_l2": sum(errs) / len(errs)})
-    agree = {"kernels_vs_cuda_reference": [], "kernels_vs_cpu_reference": [], "cuda_reference_vs_cpu_reference": []}
-    forced = {"kernels": [], "cuda_reference": [], "cpu_reference_moved_by_one_rounding": []}
-    sdpa_moved = []
-    cpu_model, _ = load_model(device="cpu", dtype=torch.float32)
-    cpu_moved = moved_by_one_rounding(cpu_model)
-    for prompt in PROMPTS:
-        a = generate(model, tok, prompt, args.new_tokens)
-        with reference_only():
-            b = generate(model, tok, prompt, args.new_tokens)
-        c = generate(cpu_model, tok, prompt, args.new_tokens)
-        on_cpu = forced_logits(cpu_model, tok, prompt, c)
-        forced["kernels"].append({"prompt": prompt, **next_token_agreement(forced_logits(model, tok, prompt, c), on_cpu, c)})
-        with reference_only():
-            on_cuda = forced_logits(model, tok, prompt, c)
-        forced["cuda_reference"].append({"prompt": prompt, **next_token_agreement(on_cuda, on_cpu, c)})
-        moved = forced_logits(cpu_moved, tok, prompt, c)
-        forced["cpu_reference_moved_by_one_rounding"].append({"prompt": prompt,
-                                                              **next_token_agreement(moved, on_cpu, c)})
-        sdpa_moved.append(float((sdpa_logits(cpu_moved, tok, prompt, c) - sdpa_logits(cpu_model, tok, prompt, c))
-                                .abs().max()))
-        for key, x, y in (("kernels_vs_cuda_reference", a, b), ("kernels_vs_cpu_reference", a, c),
-                          ("cuda_reference_vs_cpu_reference", b, c)):
-            n = min(len(x), len(y))
-            first_diff = next((i for i in range(n) if x[i] != y[i]), n)
-            agree[key].append({"prompt": prompt, "same": x == y, "first_diff": first_diff, "n": n,
-                               "answer": tok.decode(x, skip_special_tokens=True),
-                               "other": tok.decode(y, skip_special_tokens=True)})
-    for key, items in agree.items():
-        rows.append({"check": f"generation, {key}", "int2_fraction": 0.0, "layers_x_steps": len(items),
-                     "max_rel_l2": None, "mean_rel_l2": None,
-                     "identical_answers": sum(i["same"] for i in items)})
-    for key, items in forced.items():
-        margins = [m for i in items for m in i["reference_margins_at_disagreements"]]
-        rows.append({"check": f"next token along the CPU reference's answers, {key}", "int2_fraction": 0.0,
-                     "layers_x_steps": sum(i["positions"] for i in items),
-                     "same_next_token": sum(i["same_next_token"] for i in items),
-                     "max_logit_diff": max(i["max_logit_diff"] for i in items),
-                     "max_reference_margin_at_disagreement": max(margins, default=None)})
-    rows.append({"check": "full-precision SDPA (no cache), CPU, moved by one rounding", "int2_fraction": None,
-                 "layers_x_steps": len(sdpa_moved), "max_logit_diff": max(sdpa_moved)})
-    one_rounding = max(i["max_logit_diff"] for i in forced["cpu_reference_moved_by_one_rounding"])
-    worst = max((m for i in forced["kernels"] for m in i["reference_margins_at_disagreements"]), default=0.0)
-    verdict = {"one_rounding_max_logit_move": one_rounding, "kernels_max_reference_margin_at_disagreement": worst,
-               "same_answers_up_to_one_rounding": worst < one_rounding}
+    rows = activation_rows(model, ids)
+    more, extra = answer_rows(model, load_model(device="cpu", dtype=torch.float32)[0], tok, args.new_tokens)
+    rows += more
     write_result(args.name, rows,
                  title=f"SmolLM2-135M end to end on the GPU ({args.dtype}): Triton kernels vs the reference",
                  columns=["check", "int2_fraction", "layers_x_steps", "max_rel_l2", "mean_rel_l2", "identical_answers",
                           "same_next_token", "max_logit_diff", "max_reference_margin_at_disagreement"],
-                 extra={"verdict": verdict, "generation": agree, "forced": forced, "sdpa_moved_max_logit_diff": sdpa_moved}, out_dir=Path(args.out_dir) if args.out_dir else None)
+                 extra=extra, out_dir=Path(args.out_dir) if args.out_dir else None)
     for r in rows:
         print(r)
-    print("verdict", verdict)
-    for key, items in agree.items():
+    for key, items in extra["generation"].items():
         for i in items:
             print(key, i["same"], i["first_diff"], repr(i["answer"][:80]))
+    print("verdict", extra["verdict"])
     return 0
 
 

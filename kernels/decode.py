@@ -290,10 +290,12 @@ def _merge_splits(acc_ptr, m_ptr, l_ptr, row, rvalid, d, NSPLIT,
     (sequence, KV head))."""
     CH: tl.constexpr = 4
     to_log2 = 1.4426950408889634 if EXP_MODE == 1 else 1.0  # log2(e)
+    first = tl.zeros([BLOCK_M], tl.int32)  # split indices as vectors: masks of row shape (Triton 3.9's interpreter
+    # refuses a scalar mask there)
     mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for sp0 in range(0, NSPLIT, CH):
         for u in tl.static_range(CH):
-            ok = rvalid & (sp0 + u < NSPLIT)
+            ok = rvalid & (first + sp0 + u < NSPLIT)
             mx = tl.maximum(mx, tl.load(m_ptr + row * NSPLIT + sp0 + u, mask=ok, other=float("-inf"),
                                         cache_modifier=".cg"))
     mx = tl.where(mx == float("-inf"), 0.0, mx)
@@ -302,7 +304,7 @@ def _merge_splits(acc_ptr, m_ptr, l_ptr, row, rvalid, d, NSPLIT,
     for sp0 in range(0, NSPLIT, CH):
         for u in tl.static_range(CH):
             prow = row * NSPLIT + sp0 + u
-            ok = rvalid & (sp0 + u < NSPLIT)
+            ok = rvalid & (first + sp0 + u < NSPLIT)
             m = tl.load(m_ptr + prow, mask=ok, other=float("-inf"), cache_modifier=".cg")
             w = tl.where(m == float("-inf"), 0.0, tl.exp2((m - mx) * to_log2))
             den += w * tl.load(l_ptr + prow, mask=ok, other=0.0, cache_modifier=".cg")
