@@ -30,6 +30,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+from hf_turbo.eval.perplexity import attention_mode
 
 from hf_turbo import TurboQuantCache, ops
 from hf_turbo.quant.attention import turbo_attention_reference
@@ -95,17 +96,12 @@ def forced_logits(model, tok, prompt: str, tokens: list[int]) -> torch.Tensor:
 
     device = next(model.parameters()).device
     ids = encode_prompt(tok, prompt).to(device)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("turbo")
     cache = TurboQuantCache(model.config)
     rows = []
-    try:
-        with torch.inference_mode():
-            for step in [ids] + [torch.tensor([[t]], device=device) for t in tokens[:-1]]:
-                logits = model(step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-                rows.append(logits[0, -1].float().cpu())
-    finally:
-        model.set_attn_implementation(previous)
+    with attention_mode(model, "turbo"), torch.inference_mode():
+        for step in [ids] + [torch.tensor([[t]], device=device) for t in tokens[:-1]]:
+            logits = model(step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            rows.append(logits[0, -1].float().cpu())
     return torch.stack(rows)
 
 
@@ -115,13 +111,8 @@ def sdpa_logits(model, tok, prompt: str, tokens: list[int]) -> torch.Tensor:
 
     ids = encode_prompt(tok, prompt)
     full = torch.cat([ids, torch.tensor([tokens[:-1]], dtype=ids.dtype)], dim=1).to(next(model.parameters()).device)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("sdpa")
-    try:
-        with torch.inference_mode():
-            return model(full).logits[0, ids.shape[1] - 1 :].float().cpu()
-    finally:
-        model.set_attn_implementation(previous)
+    with attention_mode(model, "sdpa"), torch.inference_mode():
+        return model(full).logits[0, ids.shape[1] - 1 :].float().cpu()
 
 
 def moved_by_one_rounding(model, seed: int = 0):
