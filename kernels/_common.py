@@ -8,11 +8,14 @@ Only plain Triton arithmetic: these run under ``TRITON_INTERPRET=1`` (no libdevi
 from __future__ import annotations
 
 import math
+import os
 
 import triton
 import triton.language as tl
 
 LOG2E = math.log2(math.e)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read at import, as @triton.jit reads it
+_ROUND_E4M3 = tl.constexpr(INTERPRET)
 INT8_RANGE = 119.0
 
 # exp modes (constexpr EXP_MODE)
@@ -51,6 +54,22 @@ def stage1_codes(x, inv):
     c = round_half_away(x * inv)
     c = tl.minimum(tl.maximum(c, -119.0), 119.0)
     return c.to(tl.int32)
+
+
+@triton.jit
+def to_e4m3(x):
+    """fp32 ``x`` (``|x| <= 448``: ``448 p`` and INT8 values) -> float8e4nv, rounded to nearest even like the
+    reference's ``x.to(torch.float8_e4m3fn)`` and the GPU's ``cvt.rn.satfinite``. Interpreted, ``x`` is first
+    rounded onto the e4m3 grid in fp32 (exact: the grid step ``2^(max(e, -6) - 3)`` is a power of two;
+    ``(y + 1.5 * 2^23) - 1.5 * 2^23`` rounds ``|y| < 2^22`` to an even integer): Triton's interpreter (3.6 to 3.9)
+    rounds this conversion wrongly (31.4 -> 16, 100 -> 104, subnormals to 0) but converts values on the grid
+    exactly."""
+    if _ROUND_E4M3:
+        e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # unbiased exponent (-127 for 0 and subnormals)
+        step = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
+        y = (x / step + 12582912.0) - 12582912.0
+        x = tl.where(x == 0.0, x, tl.minimum(tl.maximum(y * step, -448.0), 448.0))  # -0.0 keeps its sign
+    return x.to(tl.float8e4nv, fp_downcast_rounding="rtne")
 
 
 @triton.jit

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import sas_exp_2, sas_exp_e
+from ._common import sas_exp_2, sas_exp_e, to_e4m3
 
 LOG2E_C = tl.constexpr(1.4426950408889634)
 
@@ -249,7 +249,7 @@ def online_update(acc, m_i, l_i, s, c, vis, v, v_scale,
             if FOLD_V:
                 o = o * v_scale
         else:
-            pf = (p * 448.0).to(tl.float8e4nv)
+            pf = to_e4m3(p * 448.0)
             l_add = tl.sum(pf.to(tl.float32), axis=1) / 448.0
             o = tl.dot(pf, v, out_dtype=tl.float32) * (v_scale / 448.0)
         l_i = alpha * l_i + l_add
@@ -268,4 +268,4 @@ def prep_v(v8, v_scale, PV_MODE: tl.constexpr, FOLD_V: tl.constexpr = False):
             return v8.to(tl.float16)
         return (v8.to(tl.float32) * v_scale).to(tl.float16)
     else:
-        return v8.to(tl.float32).to(tl.float8e4nv)
+        return to_e4m3(v8.to(tl.float32))

@@ -28,15 +28,12 @@ plain-Triton twin (``ASM``).
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
+from ._common import INTERPRET
 from ._launch import CachedLauncher
 from ._tiles import _plane
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _no_layout(*args, **kwargs):

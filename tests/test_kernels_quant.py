@@ -7,6 +7,9 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
+from hf_turbo.kernels._common import to_e4m3
 
 from hf_turbo.cache import TurboLayer
 from hf_turbo.config import TurboConfig
@@ -108,3 +111,29 @@ def test_compress_into_bit_exact(d, bits, low, frac, k_axis, v_axis):
         for name, t in pool.items():
             got, exp = t[:, :, :3].cpu(), expect[b][name][:, :, :3]
             assert torch.equal(got, exp), (b, name)
+
+
+@triton.jit
+def _e4m3_bits(x_ptr, out_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(out_ptr + i, to_e4m3(tl.load(x_ptr + i)).to(tl.uint8, bitcast=True))
+
+
+def test_e4m3_rounding_is_torch():
+    """``_common.to_e4m3`` (the FP8 PV operands, ``448 p`` and INT8 values) gives torch's float8_e4m3fn bits: every
+    finite e4m3 value, the midpoints between neighbours (ties to even), random values across the range, subnormals,
+    zero and the clamp at 448."""
+    grid = torch.arange(256, dtype=torch.uint8)
+    grid = grid[(grid & 0x7F) != 0x7F].view(torch.float8_e4m3fn).float()  # the 254 finite values
+    pos = grid[grid > 0].unique()
+    mids = (pos[1:] + pos[:-1]) / 2
+    rand = torch.rand(2048) * 448 * torch.where(torch.rand(2048) < 0.5, -1.0, 1.0)
+    tiny = torch.rand(256) * 2.0**-6  # the subnormal range
+    x = torch.cat([grid, mids, -mids, rand, tiny, torch.tensor([0.0, 448.0, -448.0, 447.9, 300.0, 0.4])])
+    n = triton.next_power_of_2(x.numel())
+    x = torch.cat([x, torch.rand(n - x.numel())]).to(DEV)
+    out = torch.full((n,), 0x7F, dtype=torch.uint8, device=DEV)  # poisoned: 0x7F is e4m3's NaN
+    _e4m3_bits[(1,)](x, out, N=n)
+    want = x.cpu().to(torch.float8_e4m3fn).view(torch.uint8)
+    bad = (out.cpu() != want).nonzero().flatten()[:5]
+    assert bad.numel() == 0, [(x[i].item(), hex(out[i].item()), hex(want[i].item())) for i in bad.tolist()]
