@@ -137,3 +137,36 @@ def test_e4m3_rounding_is_torch():
     want = x.cpu().to(torch.float8_e4m3fn).view(torch.uint8)
     bad = (out.cpu() != want).nonzero().flatten()[:5]
     assert bad.numel() == 0, [(x[i].item(), hex(out[i].item()), hex(want[i].item())) for i in bad.tolist()]
+
+
+@triton.jit
+def _fp8_pv_tile(a_ptr, b_ptr, vt_ptr, o_ptr, M: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
+    """The FP8 PV data path of one prefill tile, alone: probabilities in a score accumulator's layout (``s / 1152`` of
+    an exact integer dot ``s``), V's INT8 codes read from ``[D, N]`` storage and transposed, both to e4m3, one FP8
+    dot."""
+    m, n, d = tl.arange(0, M), tl.arange(0, N), tl.arange(0, D)
+    s = tl.dot(tl.load(a_ptr + m[:, None] * D + d[None, :]), tl.trans(tl.load(b_ptr + n[:, None] * D + d[None, :])))
+    p = s * (1.0 / 1152.0)
+    v = tl.trans(tl.load(vt_ptr + d[:, None] * N + n[None, :]))
+    o = tl.dot(to_e4m3(p * 448.0), to_e4m3(v.to(tl.float32)), out_dtype=tl.float32)
+    tl.store(o_ptr + m[:, None] * D + d[None, :], o)
+
+
+def test_fp8_pv_tile_is_torch():
+    """:func:`_fp8_pv_tile` against torch on the same e4m3 operands: isolates the FP8 dot of the attention kernels'
+    PV step (compiled on the GPU). The scores are exact integers (codes 0..3, 128 channels: at most 1152) and p and
+    448 p single FP32 products, so both sides round the same values to e4m3; e4m3 x e4m3 products are exact in FP32
+    and only the sums of 64 may round: Hopper keeps about 14 bits when it accumulates FP8 products inside an MMA
+    (2^-14 = 6e-5 per sum), hence 1e-3; a wrong rounding of the operands gives 0.15 (the interpreter's own)."""
+    m, n, d = 128, 64, 128
+    a = torch.randint(0, 4, (m, d), device=DEV).half()
+    b = torch.randint(0, 4, (n, d), device=DEV).half()
+    vt = torch.randint(-119, 120, (d, n), dtype=torch.int8, device=DEV)
+    out = torch.full((m, d), float("nan"), device=DEV)
+    _fp8_pv_tile[(1,)](a, b, vt, out, M=m, N=n, D=d, num_warps=8)
+    p = (a.cpu().float() @ b.cpu().float().T) * torch.tensor(1.0 / 1152.0)
+    e4m3 = lambda x: x.to(torch.float8_e4m3fn).float()  # noqa: E731
+    want = e4m3(p * 448.0) @ e4m3(vt.cpu().float().T)
+    got = out.cpu()
+    assert not got.isnan().any()
+    assert (got - want).norm() / want.norm() < 1e-3, ((got - want).norm() / want.norm()).item()
