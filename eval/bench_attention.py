@@ -3,9 +3,13 @@
 TurboAttention kernels against SDPA flash, SDPA cuDNN and SageAttention 1.0.6 (Triton), with the machine's ceilings
 measured in the same run, and the accuracy of each configuration against exact FP32 attention.
 
-    python -m hf_turbo.eval.bench_attention [--quick]
+    python -m hf_turbo.eval.bench_attention [--quick] [--skip ceilings,accuracy,prefill,decode]
+    python -m hf_turbo.eval.bench_attention --derive   # no GPU: the ratio / % columns of the records on disk
 
 Writes eval/results/attention_{ceilings,prefill,decode,accuracy}.json (+ attention_prefill.png, attention_decode.png).
+Every timed row also gets its speedup over SDPA flash (and cuDNN) at the same shape and its % of the hardware limit
+from the ceilings (:func:`derive`): decode bytes read / time against the device-to-device copy, prefill TFLOPS-eq
+against the matmul rates of the products the kernel runs (half the operations in Q.K^T, half in P.V).
 Timings: ``triton.testing.do_bench(return_mode="median")`` (CUDA events), after the kernels were checked against the
 reference (tests/gpu). Our prefill time **includes** quantizing K (stage-1 kernel, after K smoothing's mean where
 the configuration smooths) and V where it is read as INT8, and Q (inside the kernel).
@@ -17,6 +21,8 @@ caches are rotated among copies so that every timed call reads from HBM).
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import json
 import math
 import sys
 import time
@@ -43,6 +49,55 @@ LAUNCH_VARIANTS = {
     "turbo exp2, FP16 PV, 128x64 w4": (dict(exp="exp2", pv="fp16"), dict(num_warps=4)),
     "turbo exp2, FP16 PV, 64x64 w4": (dict(exp="exp2", pv="fp16"), dict(block_m_override=64, num_warps=4)),
 }
+
+
+SDPA_FLASH, SDPA_CUDNN, SAGE = "SDPA flash (FA2)", "SDPA cuDNN", "SageAttention1 Triton"
+# the operand types of each prefill kernel's two products (Q.K^T, P.V): its limit is their two matmul rates
+PREFILL_MATMULS = {**{name: ("int8", TurboConfig(**kw).pv) for name, kw in PREFILL_VARIANTS.items()},
+                   **{name: ("int8", TurboConfig(**kw).pv) for name, (kw, _) in LAUNCH_VARIANTS.items()},
+                   SDPA_FLASH: ("fp16", "fp16"), SDPA_CUDNN: ("fp16", "fp16"), SAGE: ("int8", "fp16")}
+# ceilings() rows by the start of their "what": the copy (GB/s) and the matmul rates (TFLOPS / TOPS)
+CEILING_KEYS = {"copy": "device-to-device copy", "fp16": "fp16 matmul", "int8": "int8 matmul", "fp8": "fp8 matmul"}
+
+
+def _ceiling_values(ceiling_rows) -> dict:
+    return {key: r["value"] for key, what in CEILING_KEYS.items() for r in ceiling_rows
+            if r["what"].startswith(what) and r.get("value")}
+
+
+def derive(kind: str, rows: list[dict], ceiling_rows: list[dict]) -> list[dict]:
+    """Add to each timed row of a ``kind`` ("decode" or "prefill") table its speedup over SDPA flash (and, prefill,
+    over cuDNN) timed in the same run at the same shape, and its % of the hardware limit from ``ceiling_rows``
+    (:func:`ceilings`): decode ``pct_of_copy`` = bytes read per second / the copy's bytes moved per second; prefill
+    ``pct_of_peak`` = TFLOPS-eq / ``1 / (0.5 / rate(Q.K^T) + 0.5 / rate(P.V))`` with the rates of the kernel's
+    operand types (:data:`PREFILL_MATMULS`). Rows without a time, or ceilings not measured, get None."""
+    lim = _ceiling_values(ceiling_rows)
+    shape = ("B", "ctx") if kind == "decode" else ("d", "S", "causal")
+    base = {name: {tuple(r[k] for k in shape): r for r in rows if r["kernel"].startswith(name)}
+            for name in (("SDPA flash", "SDPA cudnn") if kind == "decode" else (SDPA_FLASH, SDPA_CUDNN))}
+
+    def ratio(r, name, key, faster):  # time-like keys: base / ours; rate-like: ours / base
+        b = base[name].get(tuple(r[k] for k in shape))
+        if not (b and b.get(key) and r.get(key)):
+            return None
+        return b[key] / r[key] if faster == "lower" else r[key] / b[key]
+
+    for r in rows:
+        if kind == "decode":
+            r["speedup_vs_sdpa_flash"] = ratio(r, "SDPA flash", "us", "lower")
+            r["pct_of_copy"] = 100 * r["gbps"] / lim["copy"] if r.get("gbps") and lim.get("copy") else None
+        else:
+            r["speedup_vs_sdpa_flash"] = ratio(r, SDPA_FLASH, "tflops", "higher")
+            r["speedup_vs_cudnn"] = ratio(r, SDPA_CUDNN, "tflops", "higher")
+            qk, pv = PREFILL_MATMULS.get(r["kernel"], (None, None))
+            peak = 1 / (0.5 / lim[qk] + 0.5 / lim[pv]) if lim.get(qk) and lim.get(pv) else None
+            r["pct_of_peak"] = 100 * r["tflops"] / peak if peak and r.get("tflops") else None
+    return rows
+
+
+DECODE_COLUMNS = ["kernel", "B", "ctx", "us", "bytes", "gbps", "pct_of_copy", "speedup_vs_sdpa_flash", "walk"]
+PREFILL_COLUMNS = ["kernel", "d", "S", "B", "H", "causal", "ms", "tflops", "pct_of_peak", "speedup_vs_sdpa_flash",
+                   "speedup_vs_cudnn"]
 
 
 def bench(fn, rep=100):
@@ -134,10 +189,10 @@ def prefill_rows(quick=False):
                     t = TurboConfig(**kw)
                     cands[name] = (lambda t=t, launch=launch: prefill(q, k, v, t, sm_scale=d**-0.5, causal=causal,
                                                                       **launch))
-                cands["SDPA flash (FA2)"] = _sdpa(q, k, v, causal, "flash")
-                cands["SDPA cuDNN"] = _sdpa(q, k, v, causal, "cudnn")
+                cands[SDPA_FLASH] = _sdpa(q, k, v, causal, "flash")
+                cands[SDPA_CUDNN] = _sdpa(q, k, v, causal, "cudnn")
                 if sage is not None:
-                    cands["SageAttention1 Triton"] = lambda: sage(q, k, v, tensor_layout="HND", is_causal=causal)
+                    cands[SAGE] = lambda: sage(q, k, v, tensor_layout="HND", is_causal=causal)
                 for name, fn in cands.items():
                     try:
                         ms = bench(fn)
@@ -168,7 +223,7 @@ def accuracy_rows():
                      for name, kw in PREFILL_VARIANTS.items()}
             cands["SDPA flash (FP16)"] = _sdpa(q, k, v, causal, "flash")
             if sage is not None:
-                cands["SageAttention1 Triton"] = lambda: sage(q, k, v, tensor_layout="HND", is_causal=causal)
+                cands[SAGE] = lambda: sage(q, k, v, tensor_layout="HND", is_causal=causal)
             for name, fn in cands.items():
                 try:
                     o = fn().float()
@@ -261,10 +316,7 @@ def decode_rows(quick=False):
 
                     ms = bench(run)
                     plan = layers[0].kernel_cache["decode_plan"][1]  # the walk decode_layer chose ("auto")
-                    sdpa = [r for r in rows if r["B"] == b and r["ctx"] == ctx and r["kernel"].startswith("SDPA flash")]
-                    base = sdpa[0]["us"] if sdpa and sdpa[0]["us"] else None
                     rows.append(dict(kernel=cname, B=b, ctx=ctx, us=ms * 1e3, bytes=nbytes, gbps=nbytes / ms / 1e6,
-                                     speedup_vs_sdpa_flash=(base / (ms * 1e3)) if base else None,
                                      rel_l2_vs_dequantized_exact=err, walk="mma" if plan.mma else "triton"))
                     del layers
                 except Exception as exc:
@@ -302,20 +354,74 @@ def _plot(rows, name, key, title):
     fig.savefig(RESULTS_DIR / f"{name}.png", dpi=110)
 
 
+PREFILL_NOTES = "ours includes K/V quantization (stage-1 kernel) and in-kernel Q quantization"
+LIMITS_MARK = " Ratios and % of limit:"
+
+
+def limits_note(ceilings_from: str) -> str:
+    """The sentence under a table that says where its ratio and % columns come from (:func:`derive`)."""
+    return (f"{LIMITS_MARK} speedups against SDPA timed in the same run at the same shape; the limits from the "
+            f"ceilings of {ceilings_from} (pct_of_copy: bytes read per second over the device-to-device copy's bytes "
+            "moved per second, which a kernel that only reads can pass; pct_of_peak: TFLOPS-eq over the rate of the "
+            "kernel's two products, half the operations each, at the measured INT8 / FP16 / FP8 matmul rates).")
+
+
+def _ceilings_on_disk() -> tuple[list[dict], str]:
+    """The rows of ``attention_ceilings.json`` and where they come from (no rows when none is recorded)."""
+    from hf_turbo.eval.results import RESULTS_DIR
+
+    path = RESULTS_DIR / "attention_ceilings.json"
+    if not path.exists():
+        return [], "no recorded run (none measured)"
+    rec = json.loads(path.read_text())
+    return rec["rows"], f"attention_ceilings.json ({rec['device']}, {rec['date']})"
+
+
+def derive_records(kinds=("decode", "prefill")) -> list:
+    """Recompute :func:`derive`'s columns of the ``attention_<kind>.json`` records on disk from their own rows and
+    ``attention_ceilings.json``, without a GPU (the measured figures, device, date and command stay as recorded; a
+    ``derived`` entry says when and from what). Returns the paths rewritten."""
+    from hf_turbo.eval.results import RESULTS_DIR
+
+    ceil, ceil_from = _ceilings_on_disk()
+    done = []
+    for kind in kinds:
+        path = RESULTS_DIR / f"attention_{kind}.json"
+        if not path.exists():
+            continue
+        rec = json.loads(path.read_text())
+        rec["rows"] = derive(kind, rec["rows"], ceil)
+        rec["columns"] = DECODE_COLUMNS if kind == "decode" else PREFILL_COLUMNS
+        rec["notes"] = rec.get("notes", "").split(LIMITS_MARK)[0].rstrip() + limits_note(ceil_from)
+        rec["derived"] = dict(command="python -m hf_turbo.eval.bench_attention --derive", ceilings=ceil_from,
+                              date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        path.write_text(json.dumps(rec, indent=1, default=float) + "\n")
+        done.append(path)
+    return done
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip", default="", help="comma list of: ceilings,accuracy,prefill,decode")
+    ap.add_argument("--derive", action="store_true",
+                    help="no GPU: recompute the ratio and %% of limit columns of the decode / prefill records on disk")
     args = ap.parse_args(argv)
+    if args.derive:
+        for path in derive_records():
+            print("derived", path)
+        return
     skip = set(filter(None, args.skip.split(",")))
     cmd = "python -m hf_turbo.eval.bench_attention " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.time()
     if "ceilings" not in skip:
-        rows = ceilings()
-        for r in rows:
+        ceil, ceil_from = ceilings(), "this run"
+        for r in ceil:
             print("ceiling", r, flush=True)
-        write_result("attention_ceilings", rows, title="Ceilings measured in the attention benchmark run",
+        write_result("attention_ceilings", ceil, title="Ceilings measured in the attention benchmark run",
                      command=cmd)
+    else:
+        ceil, ceil_from = _ceilings_on_disk()
     if "accuracy" not in skip:
         rows = accuracy_rows()
         for r in rows:
@@ -323,19 +429,18 @@ def main(argv=None):
         write_result("attention_accuracy", rows, title="Prefill accuracy vs exact FP32 attention (B=1, H=8, S=4096)",
                      command=cmd, notes="random normal Q/K/V, keys with a per-channel bias; ours: INT8 QK + SAS/exp2")
     if "decode" not in skip:
-        rows = decode_rows(args.quick)
+        rows = derive("decode", decode_rows(args.quick), ceil)
         for r in rows:
             r["label"] = f"B{r['B']} ctx{r['ctx'] // 1024}k"
         write_result("attention_decode", rows, title="Decode, 32 q / 8 kv heads, d=128, one query token",
-                     command=cmd,
-                     notes=decode_notes())
+                     command=cmd, columns=DECODE_COLUMNS, notes=decode_notes() + limits_note(ceil_from))
         _plot(rows, "attention_decode", "us", "Decode latency (us), lower is better")
     if "prefill" not in skip:
-        rows = prefill_rows(args.quick)
+        rows = derive("prefill", prefill_rows(args.quick), ceil)
         for r in rows:
             r["label"] = f"d{r['d']} S{r['S'] // 1024}k {'c' if r['causal'] else 'f'}"
         write_result("attention_prefill", rows, title="Prefill TFLOPS-eq, B*S = 32k tokens, 32 heads",
-                     command=cmd, notes="ours includes K/V quantization (stage-1 kernel) and in-kernel Q quantization")
+                     command=cmd, columns=PREFILL_COLUMNS, notes=PREFILL_NOTES + limits_note(ceil_from))
         _plot(rows, "attention_prefill", "tflops", "Prefill TFLOPS-equivalent (higher is better)")
     print(f"done in {time.time() - t0:.0f} s")
 
