@@ -366,14 +366,15 @@ def limits_note(ceilings_from: str) -> str:
             "kernel's two products, half the operations each, at the measured INT8 / FP16 / FP8 matmul rates).")
 
 
-def _ceilings_on_disk() -> tuple[list[dict], str]:
-    """The rows of ``attention_ceilings.json`` and where they come from (no rows when none is recorded)."""
+def _ceilings_on_disk(device: str | None = None) -> tuple[list[dict], str]:
+    """The rows of ``attention_ceilings.json`` and where they come from (no rows when none is recorded, or when it
+    was measured on another device than ``device``)."""
     from hf_turbo.eval.results import RESULTS_DIR
 
     path = RESULTS_DIR / "attention_ceilings.json"
-    if not path.exists():
-        return [], "no recorded run (none measured)"
-    rec = json.loads(path.read_text())
+    rec = json.loads(path.read_text()) if path.exists() else None
+    if rec is None or (device is not None and rec["device"] != device):
+        return [], "no recorded run on this device (none measured)"
     return rec["rows"], f"attention_ceilings.json ({rec['device']}, {rec['date']})"
 
 
@@ -420,8 +421,10 @@ def main(argv=None):
             print("ceiling", r, flush=True)
         write_result("attention_ceilings", ceil, title="Ceilings measured in the attention benchmark run",
                      command=cmd)
-    else:
-        ceil, ceil_from = _ceilings_on_disk()
+    else:  # the recorded ceilings of this GPU, else measured now (not recorded: --skip ceilings)
+        ceil, ceil_from = _ceilings_on_disk(torch.cuda.get_device_name(0))
+        if not ceil:
+            ceil, ceil_from = ceilings(), "this run"
     if "accuracy" not in skip:
         rows = accuracy_rows()
         for r in rows:

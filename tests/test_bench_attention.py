@@ -59,3 +59,13 @@ def test_derive_rewrites_the_records_on_disk(tmp_path, monkeypatch):
     assert new["rows"][1]["pct_of_copy"] == 10.0
     assert new["notes"].startswith("walks." + ba.LIMITS_MARK) and new["notes"].count(ba.LIMITS_MARK) == 1
     assert "attention_ceilings.json (GPU X, d0)" in new["notes"] and new["derived"]["ceilings"].endswith("d0)")
+
+
+def test_recorded_ceilings_only_for_their_device(tmp_path, monkeypatch):
+    from hf_turbo.eval import results
+
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    assert ba._ceilings_on_disk() == ([], "no recorded run on this device (none measured)")
+    (tmp_path / "attention_ceilings.json").write_text(json.dumps(dict(rows=CEILINGS, device="GPU X", date="d0")))
+    assert ba._ceilings_on_disk("GPU X")[0] == CEILINGS and ba._ceilings_on_disk()[0] == CEILINGS
+    assert ba._ceilings_on_disk("GPU Y")[0] == []  # another GPU's ceilings are not this one's limits
