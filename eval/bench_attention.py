@@ -43,6 +43,7 @@ PREFILL_VARIANTS = {
     "turbo exp2, FP16 PV, INT8 V": dict(tail_v="int8"),  # values through stage-1 INT8 (one more pass)
     "turbo exp2, FP16 PV, INT8 V, no smoothing": dict(tail_v="int8", k_smooth=False),
     "turbo exp2, INT8 PV": dict(exp="exp2", pv="int8"),
+    "turbo exp2, FP8 PV": dict(exp="exp2", pv="fp8"),  # P and the INT8 values to e4m3, one FP8 product
 }
 # launch variants of the fastest configuration (tile / warps), timed like the others
 LAUNCH_VARIANTS = {

@@ -1,10 +1,11 @@
 """Run the kernel test suites compiled on the GPU, and compute-sanitizer on a small generation; record the outcome.
 
-    python -m hf_turbo.eval.gpu_tests [--sanitizer] [--sanitizer-walk] [--no-pytest]   # repo root, CUDA machine
+    python -m hf_turbo.eval.gpu_tests [--workers N] [--sanitizer] [--sanitizer-walk] [--no-pytest]   # repo root, CUDA
 
 * ``tests/gpu`` plus the interpreted kernel tests (``tests/test_kernels_*.py``) with ``HF_TURBO_GPU_TESTS=1``, so
   they run compiled on CUDA tensors at the sizes they define; the pytest log goes to
-  ``eval/results/attention_gpu_tests.log``;
+  ``eval/results/attention_gpu_tests.log``; ``--workers N`` spreads them over N pytest-xdist processes on the one
+  GPU (Triton's compiles, on the CPU, are most of the suite's time);
 * ``--sanitizer``: ``compute-sanitizer --tool memcheck`` on a tiny random Llama generating 80 tokens through turbo
   attention and TurboQuantCache (prefill, decode, one flush of the FP16 buffer into the packed pools); log in
   ``eval/results/compute_sanitizer.log``;
@@ -30,16 +31,19 @@ import xml.etree.ElementTree as ET
 from hf_turbo.eval.results import REPO_ROOT, RESULTS_DIR, write_result
 
 
-def run_pytest(log_path) -> dict:
+def run_pytest(log_path, workers: int = 0) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         xml = os.path.join(tmp, "junit.xml")
         files = ["tests/gpu"] + sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "tests").glob("test_kernels_*.py"))
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *files]
+        spread = ["-n", str(workers)] if workers > 1 else []
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *spread, f"--junitxml={xml}", *files]
         env = {**os.environ, "HF_TURBO_GPU_TESTS": "1"}
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
         log_path.write_text(proc.stdout + proc.stderr)
         suite = ET.parse(xml).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        if suite is None or suite.get("tests") is None:
+            raise SystemExit(f"pytest wrote no test report (rc {proc.returncode}); log: {log_path}")
         failed = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
                   if c.find("failure") is not None or c.find("error") is not None]
         n = int(suite.get("tests"))
@@ -128,6 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sanitizer", action="store_true", help="also run compute-sanitizer memcheck")
     ap.add_argument("--sanitizer-walk", action="store_true", help="compute-sanitizer memcheck on the MMA decode walk")
     ap.add_argument("--no-pytest", action="store_true", help="skip the compiled test suites")
+    ap.add_argument("--workers", type=int, default=0, metavar="N",
+                    help="run the test suites in N pytest-xdist processes (default: one process)")
     ap.add_argument("--tiny-generate", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--walk-check", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -147,7 +153,7 @@ def main(argv=None) -> int:
     ):
         if not wanted:
             continue
-        row = runner(RESULTS_DIR / log)
+        row = runner(RESULTS_DIR / log, args.workers) if runner is run_pytest else runner(RESULTS_DIR / log)
         print(row, flush=True)
         failed |= bool(row["failed"])
         write_result(name, [row], title=title, columns=["suite", "passed", "failed", "skipped"],

@@ -57,18 +57,27 @@ def stage1_codes(x, inv):
 
 
 @triton.jit
+def e4m3_grid(x):
+    """fp32 ``x`` rounded to nearest even onto the e4m3 grid and saturated at +-448, still in fp32: what
+    ``x.to(torch.float8_e4m3fn).float()`` gives for ``|x| <= 464`` (exact: the grid step ``2^(max(e, -6) - 3)`` is a
+    power of two, so are its reciprocal and both products; ``(y + 1.5 * 2^23) - 1.5 * 2^23`` rounds ``|y| < 2^22``
+    to an even integer)."""
+    e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # unbiased exponent (-127 for 0 and subnormals)
+    k = tl.maximum(e, -6) - 3
+    step = ((k + 127) << 23).to(tl.float32, bitcast=True)
+    inv_step = ((127 - k) << 23).to(tl.float32, bitcast=True)
+    y = (x * inv_step + 12582912.0) - 12582912.0
+    return tl.where(x == 0.0, x, tl.minimum(tl.maximum(y * step, -448.0), 448.0))  # -0.0 keeps its sign
+
+
+@triton.jit
 def to_e4m3(x):
     """fp32 ``x`` (``|x| <= 448``: ``448 p`` and INT8 values) -> float8e4nv, rounded to nearest even like the
     reference's ``x.to(torch.float8_e4m3fn)`` and the GPU's ``cvt.rn.satfinite``. Interpreted, ``x`` is first
-    rounded onto the e4m3 grid in fp32 (exact: the grid step ``2^(max(e, -6) - 3)`` is a power of two;
-    ``(y + 1.5 * 2^23) - 1.5 * 2^23`` rounds ``|y| < 2^22`` to an even integer): Triton's interpreter (3.6 to 3.9)
-    rounds this conversion wrongly (31.4 -> 16, 100 -> 104, subnormals to 0) but converts values on the grid
-    exactly."""
+    rounded onto the grid (:func:`e4m3_grid`): Triton's interpreter (3.6 to 3.9) rounds this conversion wrongly
+    (31.4 -> 16, 100 -> 104, subnormals to 0) but converts values on the grid exactly."""
     if _ROUND_E4M3:
-        e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # unbiased exponent (-127 for 0 and subnormals)
-        step = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
-        y = (x / step + 12582912.0) - 12582912.0
-        x = tl.where(x == 0.0, x, tl.minimum(tl.maximum(y * step, -448.0), 448.0))  # -0.0 keeps its sign
+        x = e4m3_grid(x)
     return x.to(tl.float8e4nv, fp_downcast_rounding="rtne")
 
 

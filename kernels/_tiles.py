@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import sas_exp_2, sas_exp_e, to_e4m3
+from ._common import e4m3_grid, sas_exp_2, sas_exp_e, to_e4m3
 
 LOG2E_C = tl.constexpr(1.4426950408889634)
 
@@ -249,13 +249,23 @@ def online_update(acc, m_i, l_i, s, c, vis, v, v_scale,
             if FOLD_V:
                 o = o * v_scale
         else:
-            pf = to_e4m3(p * 448.0)
-            l_add = tl.sum(pf.to(tl.float32), axis=1) / 448.0
+            pf, l_add = fp8_probs(p)
             o = tl.dot(pf, v, out_dtype=tl.float32) * (v_scale / 448.0)
         l_i = alpha * l_i + l_add
         acc = alpha[:, None] * acc + o
         m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def fp8_probs(p):
+    """Probabilities ``p [M, N]`` (fp32) -> the FP8 PV's A operand ``e4m3(448 p)`` and its row sums / 448 (fp32
+    ``[M]``). The sums are taken on the values rounded onto the e4m3 grid in fp32 (:func:`_common.e4m3_grid`), so
+    the e4m3 tensor is never converted back: compiled (Triton 3.6, sm_90), e4m3 -> fp32 of a tensor in the MMA
+    accumulator's layout gave wrong values (row sums off by 1.8 relative in a one-tile kernel whose FP8 dot of the
+    same tensor was right; kernels/NOTES.md)."""
+    pr = e4m3_grid(p * 448.0)
+    return to_e4m3(pr), tl.sum(pr, axis=1) / 448.0
 
 
 @triton.jit

@@ -9,7 +9,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from hf_turbo.kernels._common import to_e4m3
+from hf_turbo.kernels._common import e4m3_grid, to_e4m3
+from hf_turbo.kernels._tiles import fp8_probs
 
 from hf_turbo.cache import TurboLayer
 from hf_turbo.config import TurboConfig
@@ -114,13 +115,16 @@ def test_compress_into_bit_exact(d, bits, low, frac, k_axis, v_axis):
 
 
 @triton.jit
-def _e4m3_bits(x_ptr, out_ptr, N: tl.constexpr):
+def _e4m3_bits(x_ptr, out_ptr, grid_ptr, N: tl.constexpr):
     i = tl.arange(0, N)
-    tl.store(out_ptr + i, to_e4m3(tl.load(x_ptr + i)).to(tl.uint8, bitcast=True))
+    x = tl.load(x_ptr + i)
+    tl.store(out_ptr + i, to_e4m3(x).to(tl.uint8, bitcast=True))
+    tl.store(grid_ptr + i, e4m3_grid(x))
 
 
 def test_e4m3_rounding_is_torch():
-    """``_common.to_e4m3`` (the FP8 PV operands, ``448 p`` and INT8 values) gives torch's float8_e4m3fn bits: every
+    """``_common.to_e4m3`` (the FP8 PV operands, ``448 p`` and INT8 values) gives torch's float8_e4m3fn bits, and
+    ``_common.e4m3_grid`` (the same rounding in fp32, whose row sums the FP8 PV takes) torch's e4m3 values: every
     finite e4m3 value, the midpoints between neighbours (ties to even), random values across the range, subnormals,
     zero and the clamp at 448."""
     grid = torch.arange(256, dtype=torch.uint8)
@@ -133,23 +137,28 @@ def test_e4m3_rounding_is_torch():
     n = triton.next_power_of_2(x.numel())
     x = torch.cat([x, torch.rand(n - x.numel())]).to(DEV)
     out = torch.full((n,), 0x7F, dtype=torch.uint8, device=DEV)  # poisoned: 0x7F is e4m3's NaN
-    _e4m3_bits[(1,)](x, out, N=n)
-    want = x.cpu().to(torch.float8_e4m3fn).view(torch.uint8)
-    bad = (out.cpu() != want).nonzero().flatten()[:5]
+    on_grid = torch.full((n,), float("nan"), device=DEV)
+    _e4m3_bits[(1,)](x, out, on_grid, N=n)
+    want = x.cpu().to(torch.float8_e4m3fn)
+    bad = (out.cpu() != want.view(torch.uint8)).nonzero().flatten()[:5]
     assert bad.numel() == 0, [(x[i].item(), hex(out[i].item()), hex(want[i].item())) for i in bad.tolist()]
+    bad = (on_grid.cpu().view(torch.int32) != want.float().view(torch.int32)).nonzero().flatten()[:5]  # -0.0 too
+    assert bad.numel() == 0, [(x[i].item(), on_grid[i].item(), want[i].item()) for i in bad.tolist()]
 
 
 @triton.jit
-def _fp8_pv_tile(a_ptr, b_ptr, vt_ptr, o_ptr, M: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
+def _fp8_pv_tile(a_ptr, b_ptr, vt_ptr, o_ptr, l_ptr, M: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
     """The FP8 PV data path of one prefill tile, alone: probabilities in a score accumulator's layout (``s / 1152`` of
-    an exact integer dot ``s``), V's INT8 codes read from ``[D, N]`` storage and transposed, both to e4m3, one FP8
-    dot."""
+    an exact integer dot ``s``) through the kernels' :func:`_tiles.fp8_probs` (e4m3 and row sums), V's INT8 codes
+    read from ``[D, N]`` storage and transposed, to e4m3, one FP8 dot."""
     m, n, d = tl.arange(0, M), tl.arange(0, N), tl.arange(0, D)
     s = tl.dot(tl.load(a_ptr + m[:, None] * D + d[None, :]), tl.trans(tl.load(b_ptr + n[:, None] * D + d[None, :])))
     p = s * (1.0 / 1152.0)
     v = tl.trans(tl.load(vt_ptr + d[:, None] * N + n[None, :]))
-    o = tl.dot(to_e4m3(p * 448.0), to_e4m3(v.to(tl.float32)), out_dtype=tl.float32)
+    pf, l = fp8_probs(p)
+    o = tl.dot(pf, to_e4m3(v.to(tl.float32)), out_dtype=tl.float32)
     tl.store(o_ptr + m[:, None] * D + d[None, :], o)
+    tl.store(l_ptr + m, l)
 
 
 def test_fp8_pv_tile_is_torch():
@@ -157,16 +166,21 @@ def test_fp8_pv_tile_is_torch():
     PV step (compiled on the GPU). The scores are exact integers (codes 0..3, 128 channels: at most 1152) and p and
     448 p single FP32 products, so both sides round the same values to e4m3; e4m3 x e4m3 products are exact in FP32
     and only the sums of 64 may round: Hopper keeps about 14 bits when it accumulates FP8 products inside an MMA
-    (2^-14 = 6e-5 per sum), hence 1e-3; a wrong rounding of the operands gives 0.15 (the interpreter's own)."""
+    (2^-14 = 6e-5 per sum), hence 1e-3; a wrong rounding of the operands gives 0.15 (the interpreter's own). The row
+    sums of e4m3(448 p) / 448 (the softmax denominator's share) are sums of 64 FP32 values on the e4m3 grid: within
+    1e-6 of torch's; the e4m3 -> fp32 conversion they once used gave 1.8 compiled on the H200."""
     m, n, d = 128, 64, 128
     a = torch.randint(0, 4, (m, d), device=DEV).half()
     b = torch.randint(0, 4, (n, d), device=DEV).half()
     vt = torch.randint(-119, 120, (d, n), dtype=torch.int8, device=DEV)
     out = torch.full((m, d), float("nan"), device=DEV)
-    _fp8_pv_tile[(1,)](a, b, vt, out, M=m, N=n, D=d, num_warps=8)
+    rows = torch.full((m,), float("nan"), device=DEV)
+    _fp8_pv_tile[(1,)](a, b, vt, out, rows, M=m, N=n, D=d, num_warps=8)
     p = (a.cpu().float() @ b.cpu().float().T) * torch.tensor(1.0 / 1152.0)
     e4m3 = lambda x: x.to(torch.float8_e4m3fn).float()  # noqa: E731
     want = e4m3(p * 448.0) @ e4m3(vt.cpu().float().T)
     got = out.cpu()
     assert not got.isnan().any()
     assert (got - want).norm() / want.norm() < 1e-3, ((got - want).norm() / want.norm()).item()
+    want_l = e4m3(p * 448.0).sum(1) / 448.0
+    assert ((rows.cpu() - want_l).abs() <= 1e-6 * want_l).all(), ((rows.cpu() - want_l).abs() / want_l).max().item()
