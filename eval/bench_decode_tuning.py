@@ -1,12 +1,16 @@
 # ruff: noqa: B023, F821  (closures are timed inside the loop iteration that binds them)
 """Decode-kernel launch variants on the GPU: which software choices make packed-cache decode fast (issue 4).
 
-    python -m hf_turbo.eval.bench_decode_tuning [--quick]
+    python -m hf_turbo.eval.bench_decode_tuning [--quick] [--bits 4,2,mixed] [--only PREFIX,..] [--cases B:CTX,..]
+    python -m hf_turbo.eval.bench_decode_tuning --only default:,walk --bits 4,mixed \
+        --cases 1:8192,1:16384,1:32768,1:65536,1:131072,16:4096 --name decode_walk_choice   # the walk choice
 
 For each case (batch, context; 32 q / 8 kv heads, hd 128, 4-bit) and each variant of
 :func:`hf_turbo.kernels.decode.decode_layer` (software prefetch of the next packed tile, V scale folded after the PV
 product, integer or FP16 rebuild of the packed codes, warps, pipeline stages, how the context is split and the
-cap) it checks the output against the PyTorch reference (:func:`hf_turbo.quant.attention.turbo_attention_reference`)
+cap, and which walk covers the compressed blocks: the Triton kernel or :mod:`hf_turbo.kernels.decode_mma`'s
+MMA walk, against ``walk="auto"``'s choice, recorded as ``walk_taken``) it checks the output against the PyTorch
+reference (:func:`hf_turbo.quant.attention.turbo_attention_reference`)
 and times ``attend_layer`` two ways:
 
 * ``graph_us``: replay of a CUDA graph holding the calls (GPU time only: what the kernels cost);
@@ -43,6 +47,8 @@ VARIANTS = {
     "default, no prefetch": dict(prefetch=False),
     "default, s2": dict(num_stages=2),
     "default, at most 64 splits": dict(max_split=64),
+    "walk: the Triton kernel": dict(walk="triton"),
+    "walk: the MMA walk": dict(walk="mma"),
 }
 CASES = [(1, 4096), (1, 32768), (16, 4096), (16, 32768), (64, 32768)]
 
@@ -69,6 +75,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="two cases, four variants")
     ap.add_argument("--bits", default="4", help="comma list of cache bit-widths: 4, 2, mixed")
     ap.add_argument("--only", default=None, help="comma list: keep the variants whose name starts with one of these")
+    default_cases = ",".join(f"{b}:{c}" for b, c in CASES)
+    ap.add_argument("--cases", default=None, help=f"comma list of BATCH:CONTEXT (default: {default_cases})")
+    ap.add_argument("--name", default="decode_tuning", help="results file name (eval/results/NAME.json)")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     hq, hkv, d = 32, 8, 128
@@ -76,6 +85,8 @@ def main(argv=None):
     if args.only:
         variants = {k: v for k, v in variants.items() if k.startswith(tuple(args.only.split(",")))}
     cases = CASES[1:4:2] if args.quick else CASES
+    if args.cases:
+        cases = [tuple(int(x) for x in c.split(":")) for c in args.cases.split(",")]
     bit_cfgs = {"4": dict(int2_fraction=0.0), "2": dict(int2_fraction=1.0), "mixed": dict(int2_fraction=0.5)}
     rows = []
     for bits in args.bits.split(","):
@@ -108,6 +119,7 @@ def main(argv=None):
                 try:
                     calls()
                     torch.cuda.synchronize()
+                    row["walk_taken"] = "mma" if layers[0].kernel_cache["decode_plan"][1].mma else "triton"
                     eager = triton.testing.do_bench(calls, warmup=10, rep=60, return_mode="median") / n_copies
                     graph = triton.testing.do_bench_cudagraph(calls, rep=60, return_mode="median") / n_copies
                     row.update(eager_us=eager * 1e3, graph_us=graph * 1e3, bytes=nbytes,
@@ -119,7 +131,7 @@ def main(argv=None):
             del layers, qs
             torch.cuda.empty_cache()
     path = write_result(
-        "decode_tuning", rows, title="Decode kernel launch variants (32 q / 8 kv heads, hd 128)",
+        args.name, rows, title="Decode kernel launch variants (32 q / 8 kv heads, hd 128)",
         columns=["bits", "B", "ctx", "variant", "graph_us", "eager_us", "graph_gbps", "rel_l2_vs_reference"],
         notes="graph_us: CUDA-graph replay (GPU time); eager_us: plain calls (includes Python launch cost when it "
               "exceeds GPU time). rel_l2_vs_reference: B=2, ctx=4133, against the PyTorch reference.",

@@ -3,9 +3,8 @@
 Contract with :mod:`hf_turbo.ops` (every function computes what the reference in :mod:`hf_turbo.quant` defines):
 
 * ``unavailable_reason(device, allow_interpreter=False) -> str | None``
-* ``unsupported(turbo) -> str | None``: a TurboConfig choice the compiled kernels do not compute, or compute but
-  have not matched the reference on the GPU (FP8 PV); ops then runs the reference, with a warning. The functions
-  below refuse only what they do not compute (``check_supported``), so tests reach the FP8 path.
+* ``unsupported(turbo) -> str | None``: a TurboConfig choice the compiled kernels do not compute; ops then runs the
+  reference, with a warning, and the functions below raise NotImplementedError (``check_supported``).
 * ``compress_into(layer, k, v)``: BPQ of ``k, v [B, H, nb * block_size, D]`` written into ``layer.pools`` at blocks
   ``layer.n_blocks ..`` (the caller then advances ``n_blocks``), like ``TurboLayer._compress``'s reference branch
   (:mod:`.quantize_pack`).

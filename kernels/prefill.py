@@ -329,24 +329,14 @@ def prefill(query, key, value, turbo, *, sm_scale, causal, pad=None, sliding_win
 
 
 def check_supported(turbo) -> None:
-    """Raise NotImplementedError for configurations the kernels do not compute (:func:`not_computed`)."""
-    why = not_computed(turbo)
+    """Raise NotImplementedError for configurations the kernels do not compute (:func:`unsupported`)."""
+    why = unsupported(turbo)
     if why:
         raise NotImplementedError(why)
 
 
 def unsupported(turbo) -> str | None:
-    """Why ops must not run ``turbo`` on the compiled kernels (None: it may): what they do not compute
-    (:func:`not_computed`), and FP8 PV, which they compute (interpreted, it matches the reference:
-    ``tests/test_kernels_attention.py``) but which disagreed with the reference compiled on the H100
-    (``kernels/NOTES.md``): ops runs the reference for it until the GPU suite's FP8 cases pass."""
-    if turbo.pv == "fp8":
-        return "pv='fp8': the compiled kernels disagreed with the reference on the H100 (kernels/NOTES.md)"
-    return not_computed(turbo)
-
-
-def not_computed(turbo) -> str | None:
-    """Why the kernels do not compute ``turbo`` (None: they do)."""
+    """Why the kernels do not compute ``turbo`` (None: they do); ops then runs the reference, with a warning."""
     if turbo.buffer_attention != "int8":
         return "buffer_attention='fp16' (FP16 QK over the tail) is not implemented in the kernels"
     if turbo.block_size % turbo.block_n or turbo.block_n < 16:
