@@ -142,7 +142,7 @@ def decode_notes() -> str:
     return ("ours (walk 'triton'): one decode launch per layer for all its bit-width pools (Q and the FP16 tail "
             "quantized inside it, split contexts merged by the last split); walk 'mma' (decode_layer's automatic "
             f"choice at >= {AUTO_MIN_TILES} pair-tiles and >= {AUTO_MIN_PAIRS} sequence x KV-head pairs or >= "
-            f"{AUTO_LONG_TILES} pair-tiles): "
+            f"{AUTO_LONG_TILES} pair-tiles in one bit-width pool): "
             "kernels/decode_mma attends to the compressed blocks, one launch per pool, then the Triton launch adds "
             "the tail and merges; eager calls, so small cases include the host launch cost (decode_tuning.json has "
             "CUDA-graph times)")

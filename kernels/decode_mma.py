@@ -592,12 +592,15 @@ def _walk_kernel(q_ptr, sqb, sqh, sqd, q_mult, Hq,
 
 
 # "auto" runs the walk with at least AUTO_MIN_TILES (pairs x compressed tiles) and either AUTO_MIN_PAIRS (sequence,
-# KV head) pairs or AUTO_LONG_TILES: its one-warp programs need enough pairs, or enough tiles to split into many
-# programs, to fill the GPU, and the second launch must pay (H100, eager calls, 32 q / 8 kv heads, hd 128, 4-bit,
-# walk vs Triton kernel: B=1 32k 63 vs 61 us, B=1 128k 118 vs 176, B=2 32k 73 vs 94, B=4 4k 34 vs 34, B=4 32k 91 vs
-# 165, B=8 4k 47 vs 52, B=16 4k 60 vs 83; kernels/NOTES.md)
+# KV head) pairs or AUTO_LONG_TILES pair-tiles in one bit-width pool (the walk is one launch per pool, so a mixed
+# layer's launches each get the pairs of their own pool): its one-warp programs need enough pairs, or enough tiles to
+# split into many programs, to fill the GPU, and the second launch must pay. Measured (eager calls, 32 q / 8 kv
+# heads, hd 128), walk vs Triton kernel: H100, 4-bit: B=1 32k 63 vs 61 us, B=1 128k 118 vs 176, B=2 32k 73 vs 94,
+# B=4 4k 34 vs 34, B=4 32k 91 vs 165, B=8 4k 47 vs 52, B=16 4k 60 vs 83 (kernels/NOTES.md); H200, B=1
+# (decode_walk_choice.json): 4-bit 32k 65 vs 59, 64k 77 vs 99, 128k 115 vs 178; mixed (4 pairs a pool) 64k 125 vs
+# 98, 128k 182 vs 177
 AUTO_MIN_PAIRS = 16
-AUTO_LONG_TILES = 16384
+AUTO_LONG_TILES = 8192
 AUTO_MIN_TILES = 4096
 
 
@@ -645,10 +648,11 @@ def walk_choice(walk: str, query, layer, *, fold_v: bool, rebuild: str, on_gpu: 
         if reason is not None:
             raise NotImplementedError(f"decode_layer(walk='mma'): {reason}")
         return True
+    per_pair = layer.blocks_before * (layer.turbo.block_size // layer.turbo.block_n)
     pairs = query.shape[0] * layer.num_heads
-    tiles = pairs * layer.blocks_before * (layer.turbo.block_size // layer.turbo.block_n)
-    return (on_gpu and reason is None and tiles >= AUTO_MIN_TILES
-            and (pairs >= AUTO_MIN_PAIRS or tiles >= AUTO_LONG_TILES))
+    pool_pairs = query.shape[0] * max((idx.numel() for idx in layer.groups.values()), default=0)
+    return (on_gpu and reason is None and pairs * per_pair >= AUTO_MIN_TILES
+            and (pairs >= AUTO_MIN_PAIRS or pool_pairs * per_pair >= AUTO_LONG_TILES))
 
 
 # the walk splits a context into at most this many programs per (sequence, KV head) (decode_layer's max_split, if

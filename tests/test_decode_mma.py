@@ -99,6 +99,13 @@ def test_walk_choice_and_unsupported_steps(monkeypatch):
     assert not decode_mma.walk_choice("auto", q1, layer, fold_v=True, rebuild="words", on_gpu=False)
     monkeypatch.setattr(decode_mma, "AUTO_LONG_TILES", tiles + 1)
     assert not decode_mma.walk_choice("auto", q1, layer, fold_v=True, rebuild="words", on_gpu=True)
+    # ... counted in one bit-width pool (one walk launch each): a mixed layer's pools hold one of the two heads each
+    mixed = _layer(TurboConfig(int2_fraction=0.5), 1, 2, 128, [200, 1])[0]
+    assert sorted(idx.numel() for idx in mixed.groups.values()) == [1, 1]
+    monkeypatch.setattr(decode_mma, "AUTO_LONG_TILES", tiles)
+    assert not decode_mma.walk_choice("auto", q1, mixed, fold_v=True, rebuild="words", on_gpu=True)
+    monkeypatch.setattr(decode_mma, "AUTO_LONG_TILES", tiles // 2)
+    assert decode_mma.walk_choice("auto", q1, mixed, fold_v=True, rebuild="words", on_gpu=True)
     sas = _layer(TurboConfig(exp="sas"), 1, 2, 128, [200, 1])[0]
     assert decode_mma.unsupported(q1, sas) == "the MMA decode walk needs exp='exp2' and pv='fp16'"
 
