@@ -146,14 +146,15 @@ def main(argv=None) -> int:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     failed = False
     for wanted, name, title, log, runner in (
-        (not args.no_pytest, "gpu_tests", "Kernel tests on the GPU", "attention_gpu_tests.log", run_pytest),
+        (not args.no_pytest, "gpu_tests", "Kernel tests on the GPU", "attention_gpu_tests.log",
+         lambda log_path: run_pytest(log_path, args.workers)),
         (args.sanitizer, "gpu_sanitizer", "compute-sanitizer on the GPU", "compute_sanitizer.log", run_sanitizer),
         (args.sanitizer_walk, "gpu_sanitizer_walk", "compute-sanitizer on the MMA decode walk",
          "compute_sanitizer_walk.log", run_sanitizer_walk),
     ):
         if not wanted:
             continue
-        row = runner(RESULTS_DIR / log, args.workers) if runner is run_pytest else runner(RESULTS_DIR / log)
+        row = runner(RESULTS_DIR / log)
         print(row, flush=True)
         failed |= bool(row["failed"])
         write_result(name, [row], title=title, columns=["suite", "passed", "failed", "skipped"],

@@ -60,8 +60,8 @@ class TurboConfig:
             bits and a cubic for 2^-frac (kernel-friendly; same function to within FP16 rounding of the table).
         n_r: SAS threshold: exp(-x) is exactly 0 for x > n_r (natural-log units).
         pv: precision of the P @ V product: "int8" (P*127, the paper), "fp16" (the default: faster and more accurate
-            on the H100) or "fp8" (e4m3 P and V; on CUDA the PyTorch reference runs it, with a warning, until the
-            compiled kernels have matched it on the GPU: see kernels/NOTES.md).
+            on the H100) or "fp8" (e4m3 P and V; computed by the kernels, but slower and less accurate than "fp16"
+            in the prefill benchmark: kernels/NOTES.md).
         buffer_attention: how attention reads the FP16 buffer and new tokens: "int8" (stage-1 on the fly) or "fp16".
         tail_v: with ``buffer_attention="int8"``, how the P.V product reads the values of those tokens (the FP16
             tail; without a cache, every value): "int8" (their stage-1 INT8 codes times the block scale, the paper's

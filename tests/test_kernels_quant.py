@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 from hf_turbo.kernels._common import e4m3_grid, to_e4m3
-from hf_turbo.kernels._tiles import fp8_probs
+from hf_turbo.kernels._tiles import fp8_probs, prep_v
 
 from hf_turbo.cache import TurboLayer
 from hf_turbo.config import TurboConfig
@@ -150,13 +150,13 @@ def test_e4m3_rounding_is_torch():
 def _fp8_pv_tile(a_ptr, b_ptr, vt_ptr, o_ptr, l_ptr, M: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
     """The FP8 PV data path of one prefill tile, alone: probabilities in a score accumulator's layout (``s / 1152`` of
     an exact integer dot ``s``) through the kernels' :func:`_tiles.fp8_probs` (e4m3 and row sums), V's INT8 codes
-    read from ``[D, N]`` storage and transposed, to e4m3, one FP8 dot."""
+    read from ``[D, N]`` storage and transposed, to e4m3 by the kernels' :func:`_tiles.prep_v`, one FP8 dot."""
     m, n, d = tl.arange(0, M), tl.arange(0, N), tl.arange(0, D)
     s = tl.dot(tl.load(a_ptr + m[:, None] * D + d[None, :]), tl.trans(tl.load(b_ptr + n[:, None] * D + d[None, :])))
     p = s * (1.0 / 1152.0)
     v = tl.trans(tl.load(vt_ptr + d[:, None] * N + n[None, :]))
     pf, l = fp8_probs(p)
-    o = tl.dot(pf, to_e4m3(v.to(tl.float32)), out_dtype=tl.float32)
+    o = tl.dot(pf, prep_v(v.to(tl.int32), 1.0, 2), out_dtype=tl.float32)  # PV_MODE 2: e4m3 of the INT8 codes
     tl.store(o_ptr + m[:, None] * D + d[None, :], o)
     tl.store(l_ptr + m, l)
 
