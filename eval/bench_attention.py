@@ -381,17 +381,18 @@ def _ceilings_on_disk(device: str | None = None) -> tuple[list[dict], str]:
 
 def derive_records(kinds=("decode", "prefill")) -> list:
     """Recompute :func:`derive`'s columns of the ``attention_<kind>.json`` records on disk from their own rows and
-    ``attention_ceilings.json``, without a GPU (the measured figures, device, date and command stay as recorded; a
-    ``derived`` entry says when and from what). Returns the paths rewritten."""
+    ``attention_ceilings.json`` when it was measured on the record's GPU (else the % columns become None), without a
+    GPU (the measured figures, device, date and command stay as recorded; a ``derived`` entry says when and from
+    what). Returns the paths rewritten."""
     from hf_turbo.eval.results import RESULTS_DIR
 
-    ceil, ceil_from = _ceilings_on_disk()
     done = []
     for kind in kinds:
         path = RESULTS_DIR / f"attention_{kind}.json"
         if not path.exists():
             continue
         rec = json.loads(path.read_text())
+        ceil, ceil_from = _ceilings_on_disk(rec["device"])
         rec["rows"] = derive(kind, rec["rows"], ceil)
         rec["columns"] = DECODE_COLUMNS if kind == "decode" else PREFILL_COLUMNS
         rec["notes"] = rec.get("notes", "").split(LIMITS_MARK)[0].rstrip() + limits_note(ceil_from)

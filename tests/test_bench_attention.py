@@ -59,6 +59,11 @@ def test_derive_rewrites_the_records_on_disk(tmp_path, monkeypatch):
     assert new["rows"][1]["pct_of_copy"] == 10.0
     assert new["notes"].startswith("walks." + ba.LIMITS_MARK) and new["notes"].count(ba.LIMITS_MARK) == 1
     assert "attention_ceilings.json (GPU X, d0)" in new["notes"] and new["derived"]["ceilings"].endswith("d0)")
+    # a record of another GPU gets no % of limit from these ceilings (its ratios need no ceilings)
+    (tmp_path / "attention_decode.json").write_text(json.dumps(dict(rec, device="GPU Y")))
+    ba.derive_records()
+    other = json.loads((tmp_path / "attention_decode.json").read_text())
+    assert other["rows"][1]["pct_of_copy"] is None and other["rows"][1]["speedup_vs_sdpa_flash"] == 2.0
 
 
 def test_recorded_ceilings_only_for_their_device(tmp_path, monkeypatch):
