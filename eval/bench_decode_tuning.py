@@ -49,6 +49,8 @@ VARIANTS = {
     "default, at most 64 splits": dict(max_split=64),
     "walk: the Triton kernel": dict(walk="triton"),
     "walk: the MMA walk": dict(walk="mma"),
+    "walk: the Triton kernel, 48 splits": dict(walk="triton", split=48),
+    "walk: the Triton kernel, 64 splits": dict(walk="triton", split=64),
 }
 CASES = [(1, 4096), (1, 32768), (16, 4096), (16, 32768), (64, 32768)]
 
