@@ -109,3 +109,35 @@ def test_built_wheel_has_no_top_level_kernels(tmp_path):
     top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
     with zipfile.ZipFile(wheel) as zf:
         assert set(zf.read(top_level).decode().split()) == OUR_TOP_LEVEL
+
+
+def _run_from_root(code: str, extra_path: Path | None = None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if extra_path is not None:
+        env["PYTHONPATH"] = str(extra_path)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip()
+
+
+def test_repo_root_does_not_shadow_hugging_face_kernels(tmp_path):
+    """Run from the repository root, Python finds kernels/ first under the top-level name ``kernels``, which Hugging
+    Face's ``kernels`` distribution owns and transformers imports when it is installed (transformers 5.25 does at
+    import time). The folder then hands the name over to that distribution (a stand-in here, later on sys.path), or
+    stays an empty module without a version, so transformers treats ``kernels`` as absent; ``hf_turbo.kernels`` is
+    unaffected either way."""
+    fake = tmp_path / "kernels"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('__version__ = "0.0.1"\nSTAND_IN = True\n')
+    got = _run_from_root("import kernels; print(kernels.__file__, getattr(kernels, 'STAND_IN', False))", tmp_path)
+    assert got == f"{fake / '__init__.py'} True", got
+    got = _run_from_root("import kernels; print(kernels.__file__); "
+                         "print(sorted(k for k in vars(kernels) if not k.startswith('__')), hasattr(kernels, '__version__'))")
+    where, names = got.splitlines()
+    if Path(where).resolve() == ROOT / "kernels" / "__init__.py":  # the distribution is not installed here
+        assert names == "[] False", got
+    else:  # it is: the import reached it
+        assert ROOT not in Path(where).resolve().parents and names.endswith("True"), got
+    got = _run_from_root("from transformers import AttentionInterface; import hf_turbo.kernels as k; "
+                         "print(k.__name__, callable(k.attend_layer))")
+    assert got == "hf_turbo.kernels True", got
